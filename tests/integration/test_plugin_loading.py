@@ -1,0 +1,72 @@
+"""vLLM discovers and loads the plugin, and `vllm serve` knows its flags (no engine started)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+from conftest import VLLM_BIN
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_entry_point_is_declared() -> None:
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("snapkv") == "vllm_snapkv.plugin:register"
+
+
+def test_vllm_plugin_loader_registers_the_plugin() -> None:
+    # A fresh interpreter, so nothing of ours is imported before vLLM's own loader runs.
+    proc = _run_python(
+        "import sys\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "assert 'vllm_snapkv.plugin' not in sys.modules\n"
+        "load_general_plugins()\n"
+        "import vllm_snapkv.plugin as p\n"
+        "print('registered', p.is_registered())\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "registered True" in proc.stdout
+
+
+def test_engine_args_carry_the_flag_into_additional_config() -> None:
+    # The real `vllm serve` parser, built the way the CLI builds it.
+    proc = _run_python(
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "from vllm.engine.arg_utils import AsyncEngineArgs\n"
+        "parser = make_arg_parser(FlexibleArgumentParser())\n"
+        "args = parser.parse_args(['m', '--kv-compression', 'snapkv'])\n"
+        "ea = AsyncEngineArgs.from_cli_args(args)\n"
+        "print('cfg', ea.additional_config)\n"
+        "args = parser.parse_args(['m'])\n"
+        "print('default', AsyncEngineArgs.from_cli_args(args).additional_config)\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cfg {'kv_compression': 'snapkv'}" in proc.stdout
+    assert "default {'kv_compression': 'none'}" in proc.stdout
+
+
+def test_vllm_command_works() -> None:
+    proc = subprocess.run([str(VLLM_BIN), "--version"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("0.32.")
+
+
+def test_serve_help_has_snapkv_group() -> None:
+    proc = subprocess.run([str(VLLM_BIN), "serve", "--help=snapkv"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "--kv-compression {none,snapkv}" in proc.stdout
+
+
+def test_bad_flag_value_is_refused_at_startup() -> None:
+    proc = subprocess.run([str(VLLM_BIN), "serve", "some-model", "--kv-compression", "h2o"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--kv-compression" in proc.stderr and "invalid choice: 'h2o'" in proc.stderr
