@@ -131,3 +131,27 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     yield start
     for server in started:
         server.stop()
+
+
+PRESET = REPO / "configs" / "smollm2-cpu-snapkv.yaml"
+
+
+def post_ok(server: VllmServer, path: str, body: dict) -> dict:
+    """POST ``body`` to the server and return the JSON answer, asserting HTTP 200."""
+    r = requests.post(f"{server.url}{path}", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(start_server, smollm2_path) -> VllmServer:
+    """SmolLM2 served from the `make serve` preset (compression on)."""
+    # --config supplies dtype, kv-compression etc.; the fixture's own flags come after it and
+    # override host/port/cache size for the test.
+    return start_server(smollm2_path, ["--config", str(PRESET)], name="smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(start_server, tiny_path) -> VllmServer:
+    """The tiny random model, compression off."""
+    return start_server(tiny_path, ["--kv-compression", "none"], name="tiny")

@@ -1,12 +1,16 @@
-"""The ``--kv-compression`` flags of ``vllm serve`` and how they reach the engine.
+"""The ``SnapKV`` flag group of ``vllm serve`` and how it reaches the engine.
 
 vLLM builds its ``vllm serve`` parser with ``EngineArgs.add_cli_args`` and turns the parsed
 namespace into ``EngineArgs`` with ``EngineArgs.from_cli_args``, which copies dataclass fields
 only. The plugin therefore adds its own argument group to the parser and folds the parsed values
 into ``EngineArgs.additional_config``, the dict vLLM hands unchanged to the scheduler and the
-workers (``VllmConfig.additional_config``). The offline ``LLM(...)`` API takes the same settings
-as ``LLM(..., additional_config={"kv_compression": "snapkv"})`` and ``vllm serve --config`` YAML
-files as ``kv-compression: snapkv`` (vLLM turns YAML keys into flags).
+workers (``VllmConfig.additional_config``), in the form :class:`~vllm_snapkv.config.CompressionConfig`
+reads::
+
+    {"kv_compression": "snapkv", "snapkv": {"budget": 1024, "window": 32, ..., "min_prompt": 0}}
+
+The offline ``LLM(...)`` API takes that dict as ``additional_config=``; ``vllm serve --config``
+YAML files take the flags' names as keys (``kv-compression: snapkv``, ``snapkv-budget: 1024``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ import argparse
 import logging
 from typing import Any
 
+from vllm_snapkv.config import METHOD_KEY, METHODS, SETTINGS_KEY, CompressionConfig
+from vllm_snapkv.settings import (
+    GQA_AGGREGATIONS,
+    POOLINGS,
+    PRESETS,
+    REDUCTIONS,
+    SettingsError,
+)
+
 logger = logging.getLogger("vllm_snapkv")
 
 #: Title of the flag group; ``vllm serve --help=snapkv`` prints just this group.
@@ -22,14 +35,39 @@ GROUP_TITLE = "SnapKV"
 GROUP_DESCRIPTION = (
     "SnapKV KV-cache compression (vllm-snapkv plugin): at the end of prefill, keep per KV head "
     "the prompt tokens the last prompt tokens attend to most, and return evicted KV blocks to "
-    "the block pool."
+    "the block pool. Per request, `vllm_xargs` may carry kv_compression=none (opt out), "
+    "snapkv_budget or snapkv_ratio."
 )
 
-#: Compression methods offered by ``--kv-compression``.
-METHODS: tuple[str, ...] = ("none", "snapkv")
+#: (setting name, flag type, choices, help). Defaults are None = "not given": the settings
+#: object's defaults apply, so they are stated once, in vllm_snapkv.settings.
+_SETTING_FLAGS: tuple[tuple[str, type, tuple[str, ...] | None, str], ...] = (
+    ("budget", int, None,
+     "Tokens kept per KV head, observation window included (must exceed the window). Prompts "
+     "not longer than this are left whole. Default 1024 unless --snapkv-ratio is given."),
+    ("ratio", float, None,
+     "Fraction of each prompt kept, in (0, 1]; instead of --snapkv-budget."),
+    ("window", int, None,
+     "Observation window: the last prompt tokens whose queries score the prompt; always kept. "
+     "Default 32."),
+    ("kernel", int, None,
+     "Odd width of the 1-D pooling that smooths scores along the prompt. Default 15."),
+    ("pooling", str, POOLINGS, "Pooling kind. Default avg."),
+    ("reduction", str, REDUCTIONS, "How window queries' attention combines. Default sum."),
+    ("gqa-aggregation", str, GQA_AGGREGATIONS,
+     "How a KV head's query group combines (selection is per KV head). Default mean."),
+    ("sink", int, None, "First prompt tokens always kept (inside the budget). Default 0."),
+    ("min-prompt", int, None,
+     "Prompts shorter than this many tokens are never compressed. Default 0."),
+    ("preset", str, tuple(PRESETS),
+     "Start from named settings: 'kvpress' (NVIDIA kvpress SnapKVPress: window 64, kernel 5, "
+     "avg pool, mean reductions), 'paper' (window 32, max-pool 7), 'default'. Other flags "
+     "override it."),
+)
 
-#: Key under which the settings travel in ``additional_config``.
-CONFIG_KEY = "kv_compression"
+
+def _dest(name: str) -> str:
+    return "snapkv_" + name.replace("-", "_")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -40,40 +78,53 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--kv-compression",
         choices=METHODS,
-        default="none",
+        default=None,
         help=(
-            "KV-cache compression applied to each prompt at the end of prefill. "
-            "'none' (default) is vanilla vLLM. 'snapkv' selects the prompt tokens each KV head "
-            "keeps (SnapKV, arXiv 2404.14469). In this release the flag is accepted and "
-            "recorded, but no compression is applied yet."
+            "KV-cache compression applied to each prompt at the end of prefill. 'none' "
+            "(default) is vanilla vLLM. 'snapkv' selects the prompt tokens each KV head keeps "
+            "(SnapKV, arXiv 2404.14469) with the --snapkv-* settings."
         ),
     )
+    for name, typ, choices, text in _SETTING_FLAGS:
+        group.add_argument(f"--snapkv-{name}", dest=_dest(name), type=typ, choices=choices,
+                           default=None, help=text)
     return parser
 
 
 def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any]) -> dict[str, Any]:
     """Copy the plugin's parsed flags into ``additional_config`` (returned, updated in place).
 
-    A value the user already put in ``--additional-config`` wins over the flag's default, so that
-    ``--additional-config '{"kv_compression": "snapkv"}'`` works too; an explicit flag wins over
-    both.
+    Explicit flags win over what ``--additional-config`` already holds; values not given leave
+    it alone. Raises :class:`SettingsError` (naming the flag's setting) for invalid combinations.
     """
     method = getattr(args, "kv_compression", None)
-    if method is None:
-        return additional_config
-    if method != "none" or CONFIG_KEY not in additional_config:
-        additional_config[CONFIG_KEY] = method
+    if method is not None:
+        additional_config[METHOD_KEY] = method
+    settings = dict(additional_config.get(SETTINGS_KEY) or {})
+    for name, *_ in _SETTING_FLAGS:
+        value = getattr(args, _dest(name), None)
+        if value is None:
+            continue
+        key = name.replace("-", "_")
+        if key in ("budget", "ratio"):
+            settings.pop("ratio" if key == "budget" else "budget", None)
+        settings[key] = value
+    if settings:
+        additional_config[SETTINGS_KEY] = settings
+    additional_config.setdefault(METHOD_KEY, "none")
+    CompressionConfig.from_additional_config(additional_config)  # validate now, at start-up
     return additional_config
 
 
-def compression_method(additional_config: dict[str, Any] | None) -> str:
-    """The compression method configured in ``additional_config`` (``"none"`` when unset).
+def flag_for(setting: str) -> str:
+    """The CLI flag that sets ``setting`` (for error messages)."""
+    if setting in (METHOD_KEY, "kv-compression"):
+        return "--kv-compression"
+    return "--snapkv-" + setting.replace("_", "-")
 
-    Raises ``ValueError`` naming the setting and the allowed values for anything else.
-    """
-    method = (additional_config or {}).get(CONFIG_KEY, "none")
-    if method not in METHODS:
-        raise ValueError(
-            f"kv_compression={method!r} is invalid: allowed values are {', '.join(METHODS)}"
-        )
-    return method
+
+def startup_error(err: SettingsError) -> SystemExit:
+    """A clean start-up refusal (no traceback) that names the flag, the value and the range."""
+    return SystemExit(
+        f"vllm serve: error: {flag_for(err.setting)}={err.value!r} is invalid: {err.allowed}"
+    )

@@ -70,3 +70,26 @@ def test_bad_flag_value_is_refused_at_startup() -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--kv-compression" in proc.stderr and "invalid choice: 'h2o'" in proc.stderr
+
+
+def test_bad_setting_combination_is_refused_at_startup_naming_the_flag() -> None:
+    proc = subprocess.run([str(VLLM_BIN), "serve", "some-model", "--kv-compression", "snapkv",
+                           "--snapkv-budget", "16"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--snapkv-budget=16 is invalid: must be an integer > window (32)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_settings_flags_reach_additional_config() -> None:
+    proc = _run_python(
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "from vllm.engine.arg_utils import AsyncEngineArgs\n"
+        "parser = make_arg_parser(FlexibleArgumentParser())\n"
+        "args = parser.parse_args(['m', '--kv-compression', 'snapkv', '--snapkv-ratio', '0.25',\n"
+        "                          '--snapkv-window', '16', '--snapkv-min-prompt', '2048'])\n"
+        "print('cfg', AsyncEngineArgs.from_cli_args(args).additional_config)\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ("cfg {'kv_compression': 'snapkv', 'snapkv': {'ratio': 0.25, 'window': 16, "
+            "'min_prompt': 2048}}") in proc.stdout
