@@ -10,7 +10,7 @@ methods:
   start-up with a message naming the flag;
 * ``create_engine_config`` — for every way of starting an engine (CLI, ``LLM(...)``, YAML),
   validates ``additional_config`` and, when compression is on, wires in what it needs (the
-  per-request validator), so the user types nothing but the flags.
+  per-request validator, the scheduler and the worker), so the user types nothing but the flags.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from vllm_snapkv.settings import SettingsError
 logger = logging.getLogger("vllm_snapkv")
 
 _registered = False
+
+#: vLLM's CPU worker (what ``worker_cls="auto"`` resolves to on CPU) and the plugin's subclass.
+CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
 
 
 def _wire_engine_args(engine_args: Any) -> CompressionConfig:
@@ -45,6 +49,28 @@ def _wire_engine_args(engine_args: Any) -> CompressionConfig:
                 f"--scheduler-cls {engine_args.scheduler_cls}"
             )
     return config
+
+
+def _wire_vllm_config(vllm_config: Any) -> None:
+    """Point the engine at the plugin's scheduler and worker (compression on)."""
+    from vllm.platforms import current_platform
+
+    from vllm_snapkv.scheduler import scheduler_class_for
+
+    if not current_platform.is_cpu():
+        raise ValueError(
+            "--kv-compression snapkv currently runs on vLLM's CPU platform only; the CUDA "
+            "adapter is not built yet"
+        )
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls not in (CPU_WORKER, WORKER):
+        raise ValueError(
+            f"--kv-compression snapkv brings its own worker class; it cannot be combined with "
+            f"--worker-cls {parallel.worker_cls}"
+        )
+    parallel.worker_cls = WORKER
+    scheduler = vllm_config.scheduler_config
+    scheduler.scheduler_cls = scheduler_class_for(bool(scheduler.async_scheduling))
 
 
 def _patch_engine_args() -> None:
@@ -71,11 +97,7 @@ def _patch_engine_args() -> None:
         config = _wire_engine_args(self)
         vllm_config = original_create(self, *args, **kwargs)
         if config.enabled:
-            logger.warning(
-                "vllm-snapkv: --kv-compression snapkv is accepted and per-request settings are "
-                "validated, but this build does not compress the KV cache yet; the engine "
-                "behaves as vanilla vLLM."
-            )
+            _wire_vllm_config(vllm_config)
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]

@@ -1,0 +1,86 @@
+"""Run the real vLLM engine in-process on a JSON spec and print what the tests check, as JSON.
+
+Tests run this in a subprocess (one engine per process, so configurations never mix) with
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which puts the scheduler in this process where its block
+pool and preemptions can be observed step by step. Nothing is mocked: it is the engine
+``vllm serve`` runs, driven through ``LLMEngine.add_request``/``step``.
+
+Spec keys: ``model`` (path), ``engine`` (kwargs for ``LLM``), ``requests`` (list of
+``{"id", "prompt_token_ids" | "prompt", "max_tokens", "extra_args"}``), ``stagger`` (add one
+request per step instead of all at once; a request that names ``"after"`` waits until that request
+has finished), ``debug`` (turn on the workers' attention debug hook).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=spec["model"], **spec.get("engine", {}))
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    preemptions = {"count": 0}
+    original_preempt = sched._preempt_request
+
+    def counting_preempt(*args, **kwargs):
+        preemptions["count"] += 1
+        return original_preempt(*args, **kwargs)
+
+    sched._preempt_request = counting_preempt
+    if spec.get("debug"):
+        llm.collective_rpc("snapkv_set_debug", args=(True,))
+    free_start = pool.get_num_free_blocks()
+    pending = list(spec["requests"])
+    outputs: dict[str, dict] = {}
+    timeline: list[dict] = []
+
+    def add(req: dict) -> None:
+        sp = SamplingParams(max_tokens=req.get("max_tokens", 8), temperature=0,
+                            ignore_eos=req.get("ignore_eos", True),
+                            extra_args=req.get("extra_args"))
+        prompt = ({"prompt_token_ids": req["prompt_token_ids"]} if "prompt_token_ids" in req
+                  else req["prompt"])
+        engine.add_request(req["id"], prompt, sp)
+
+    if not spec.get("stagger"):
+        while pending:
+            add(pending.pop(0))
+    steps = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and pending[0].get("after", None) in (None, *outputs):
+            add(pending.pop(0))
+        for out in engine.step():
+            if out.finished:
+                c = out.outputs[0]
+                outputs[out.request_id] = {"token_ids": list(c.token_ids), "text": c.text,
+                                           "prompt_len": len(out.prompt_token_ids or []),
+                                           "num_cached_tokens": out.num_cached_tokens}
+        placements = {rid: [p.prompt_len, p.evicted, p.block_size]
+                      for rid, p in getattr(sched, "snapkv_placements", {}).items()}
+        timeline.append({"free": pool.get_num_free_blocks(), "running": len(sched.running),
+                         "placements": placements})
+        steps += 1
+        if steps > spec.get("max_steps", 5000):
+            raise RuntimeError("engine did not finish")
+    report = (llm.collective_rpc("snapkv_report")[0]
+              if sched.__class__.__name__.startswith("SnapKV") else None)
+    print("ENGINE_PROBE_RESULT " + json.dumps({
+        "snapkv_report": report,
+        "free_start": free_start, "free_end": pool.get_num_free_blocks(),
+        "num_blocks": pool.num_gpu_blocks, "block_size": sched.cache_config.block_size,
+        "preemptions": preemptions["count"], "outputs": outputs, "timeline": timeline,
+        "scheduler": type(sched).__name__,
+    }))
+
+
+if __name__ == "__main__":
+    main()

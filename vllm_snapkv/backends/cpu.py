@@ -1,0 +1,141 @@
+"""Paged SnapKV over vLLM's CPU attention backend (``CPU_ATTN``): the layout-specific adapter.
+
+Everything backend-agnostic (which rows complete prefill, window queries, selection, the shift
+arithmetic, debug checks) lives in :mod:`vllm_snapkv.backends.core`. This module only knows
+
+* how the CPU cache is laid out (through :mod:`vllm_snapkv.paged_kv`, which derives it from the
+  kernel's own write op — never from the tensor's shape), and
+* how ``CPUAttentionMetadataBuilder``/``CPUAttentionBackendImpl`` are called.
+
+The worker (:mod:`vllm_snapkv.worker`) installs :class:`SnapKVCPUBackend` in place of
+``CPU_ATTN`` before the model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from vllm_snapkv import paged_kv
+from vllm_snapkv.backends import core
+
+__all__ = [
+    "CPUCacheAccessor",
+    "SnapKVCPUBackend",
+    "SnapKVCPUImpl",
+    "SnapKVCPUMetadata",
+    "SnapKVCPUMetadataBuilder",
+]
+
+
+class CPUCacheAccessor:
+    """:class:`core.CacheAccessor` over one CPU cache, via the probed kernel layout."""
+
+    def __init__(self, kv_cache: torch.Tensor, isa: str) -> None:
+        self.layout = paged_kv.layout_for_cache(kv_cache, isa)
+
+    def read_kv(self, kv_cache, block_ids, positions):
+        return paged_kv.read_kv(kv_cache, block_ids, positions, self.layout)
+
+    def compact(self, kv_cache, block_ids, kept, dest_start):
+        return paged_kv.compact(kv_cache, block_ids, kept, dest_start, self.layout)
+
+
+@dataclass
+class SnapKVCPUMetadata(CPUAttentionMetadata):
+    #: This step's compression plan (None: nothing compressed in the batch).
+    snapkv_plan: core.StepPlan | None = None
+    #: The model runner's block table before the shift (compaction and debug read logical
+    #: positions through it).
+    unshifted_block_table: torch.Tensor | None = None
+
+
+class SnapKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Shifts compacted rows (``seq_len - E``, block table minus its first ``E / bs`` entries)
+    before the CPU scheduler metadata is built from the shifted sequence lengths."""
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> CPUAttentionMetadata:
+        cm = common_attn_metadata
+        plan = None
+        if not (self.is_cross_attention or self.is_encoder_only_attention):
+            plan = core.plan_step(core.current_batch(), cm.query_start_loc_cpu, cm.num_reqs)
+        if plan is None:
+            return super().build(common_prefix_len, cm, fast_build)
+        unshifted = cm.block_table_tensor
+        if plan.shifted:
+            seq_lens, block_table = core.shift_rows(cm.seq_lens, cm.block_table_tensor,
+                                                    plan.shifted, self.block_size)
+            changes = dict(seq_lens=seq_lens, block_table_tensor=block_table,
+                           max_seq_len=int(seq_lens[: cm.num_reqs].max()))
+            if cm.seq_lens_cpu_upper_bound is not None:
+                ub = cm.seq_lens_cpu_upper_bound.clone()
+                for s in plan.shifted:
+                    ub[s.row] -= s.evicted
+                changes["seq_lens_cpu_upper_bound"] = ub
+            cm = dataclasses.replace(cm, **changes)
+        md = super().build(common_prefix_len, cm, fast_build)
+        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
+        return SnapKVCPUMetadata(**fields, snapkv_plan=plan, unshifted_block_table=unshifted)
+
+
+class SnapKVCPUImpl(CPUAttentionBackendImpl):
+    """Normal CPU attention first; then, per row completing prefill, SnapKV selection and
+    in-place compaction of this layer's cache; stashes window queries of unfinished prefills."""
+
+    _accessor: CPUCacheAccessor | None = None
+
+    def _get_accessor(self, kv_cache: torch.Tensor, layer) -> CPUCacheAccessor:
+        acc = self._accessor
+        if acc is None or acc.layout.dtype != kv_cache.dtype:
+            acc = self._accessor = CPUCacheAccessor(kv_cache, layer.isa)
+        return acc
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                              output_scale, output_block_scale)
+        plan = getattr(attn_metadata, "snapkv_plan", None)
+        if plan is None or self.attn_type != AttentionType.DECODER:
+            return out
+        if self.sliding_window > 0 or self.is_fp8_kv_cache or self.alibi_slopes is not None \
+                or self.sinks is not None or self.logits_soft_cap:
+            raise NotImplementedError(
+                "vllm-snapkv: sliding-window, ALiBi, sink, soft-capped layers and fp8 KV caches "
+                "are not supported with compression yet")
+        name = layer.layer_name
+        q = query.view(query.shape[0], self.num_heads, self.head_size)
+        for task in plan.stashing:
+            core.stash_row(task, q, name)
+        bt = attn_metadata.unshifted_block_table
+        if plan.completing:
+            acc = self._get_accessor(kv_cache, layer)
+            for task in plan.completing:
+                core.compact_row(task, q, kv_cache, bt[task.row], acc, name)
+        if plan.shifted and core.state().debug is not None:
+            acc = self._get_accessor(kv_cache, layer)
+            o = output.view(output.shape[0], self.num_heads, -1)
+            for row in plan.shifted:
+                core.debug_check_row(row, q, o, kv_cache, bt[row.row], acc, name, self.scale)
+        return out
+
+
+class SnapKVCPUBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` with paged SnapKV eviction (installed by the SnapKV worker)."""
+
+    @staticmethod
+    def get_impl_cls() -> type[SnapKVCPUImpl]:
+        return SnapKVCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SnapKVCPUMetadataBuilder]:
+        return SnapKVCPUMetadataBuilder
