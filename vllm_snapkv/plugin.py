@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from vllm_snapkv import cli
@@ -30,6 +31,11 @@ _registered = False
 #: vLLM's CPU worker (what ``worker_cls="auto"`` resolves to on CPU) and the plugin's subclass.
 CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
 WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
+#: The same on CUDA.
+GPU_WORKER = "vllm.v1.worker.gpu_worker.Worker"
+CUDA_WORKER = "vllm_snapkv.worker.SnapKVGPUWorker"
+#: vLLM's switch between the V1 model runner and Model Runner V2 (``config/vllm.py``).
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def _wire_engine_args(engine_args: Any) -> CompressionConfig:
@@ -51,26 +57,85 @@ def _wire_engine_args(engine_args: Any) -> CompressionConfig:
     return config
 
 
+def _prepare_engine_env() -> None:
+    """Before vLLM builds its config (compression on): on CUDA, ask for the V1 model runner.
+
+    ``VllmConfig.use_v2_model_runner`` reads ``VLLM_USE_V2_MODEL_RUNNER`` while the config is
+    built (async scheduling, batch queue size, ...) and again in every worker, which inherit
+    this process's environment; so the variable is set here, before, rather than afterwards.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return
+    value = os.environ.get(V2_RUNNER_ENV)
+    if value is None:
+        os.environ[V2_RUNNER_ENV] = "0"
+        logger.info("snapkv: %s=0 (compression needs the V1 model runner)", V2_RUNNER_ENV)
+    elif value.strip().lower() not in ("0", "false", "no", "off"):
+        raise ValueError(f"--kv-compression snapkv needs vLLM's V1 model runner; it cannot be "
+                         f"combined with {V2_RUNNER_ENV}={value}")
+
+
 def _wire_vllm_config(vllm_config: Any) -> None:
-    """Point the engine at the plugin's scheduler and worker (compression on)."""
+    """Point the engine at the plugin's scheduler, worker and (CUDA) attention backend."""
     from vllm.platforms import current_platform
 
     from vllm_snapkv.scheduler import scheduler_class_for
 
-    if not current_platform.is_cpu():
+    if current_platform.is_cpu():
+        allowed, worker = (CPU_WORKER, WORKER), WORKER
+    elif current_platform.is_cuda():
+        allowed, worker = ("auto", GPU_WORKER, CUDA_WORKER), CUDA_WORKER
+        _wire_cuda(vllm_config)
+    else:
         raise ValueError(
-            "--kv-compression snapkv currently runs on vLLM's CPU platform only; the CUDA "
-            "adapter is not built yet"
+            "--kv-compression snapkv runs on vLLM's CPU and CUDA platforms only, not on "
+            f"{type(current_platform).__name__}"
         )
     parallel = vllm_config.parallel_config
-    if parallel.worker_cls not in (CPU_WORKER, WORKER):
+    if parallel.worker_cls not in allowed:
         raise ValueError(
             f"--kv-compression snapkv brings its own worker class; it cannot be combined with "
             f"--worker-cls {parallel.worker_cls}"
         )
-    parallel.worker_cls = WORKER
+    parallel.worker_cls = worker
     scheduler = vllm_config.scheduler_config
     scheduler.scheduler_cls = scheduler_class_for(bool(scheduler.async_scheduling))
+
+
+def _wire_cuda(vllm_config: Any) -> None:
+    """CUDA: FlashAttention-based ``CUSTOM`` backend, unquantized KV cache, V1 model runner.
+
+    Not run on a GPU yet (``docs/cuda.md``)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_snapkv.worker import install_cuda_backend
+
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype not in ("auto", "float16", "bfloat16", "half", "float", "float32"):
+        raise ValueError(
+            f"--kv-compression snapkv does not support --kv-cache-dtype {cache_dtype} on CUDA "
+            "(quantized caches hold scaled bytes SnapKV cannot score); use auto"
+        )
+    if vllm_config.use_v2_model_runner:
+        raise ValueError(
+            "--kv-compression snapkv needs vLLM's V1 model runner, but this configuration uses "
+            f"Model Runner V2 ({V2_RUNNER_ENV}, or a feature that requires V2)"
+        )
+    att = vllm_config.attention_config
+    if att.backend_per_kind:
+        raise ValueError("--kv-compression snapkv cannot be combined with per-kind attention "
+                         "backends (attention_config.backend_per_kind)")
+    if att.backend not in (None, AttentionBackendEnum.FLASH_ATTN, AttentionBackendEnum.CUSTOM):
+        raise ValueError(
+            f"--kv-compression snapkv runs on FlashAttention on CUDA; it cannot be combined "
+            f"with --attention-backend {att.backend.name}"
+        )
+    # CUSTOM resolves (in every process that builds a model) to the SnapKV FlashAttention
+    # backend: the worker registers it; registering here too costs a dict entry.
+    install_cuda_backend()
+    att.backend = AttentionBackendEnum.CUSTOM
 
 
 def _patch_engine_args() -> None:
@@ -91,10 +156,15 @@ def _patch_engine_args() -> None:
             )
         except SettingsError as err:
             raise cli.startup_error(err) from None
+        # Spawned API servers (--api-server-count > 1) rebuild EngineArgs from this Namespace
+        # before the plugin is registered there: hand them the folded config.
+        args.additional_config = dict(engine_args.additional_config)
         return engine_args
 
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         config = _wire_engine_args(self)
+        if config.enabled:
+            _prepare_engine_env()
         vllm_config = original_create(self, *args, **kwargs)
         if config.enabled:
             _wire_vllm_config(vllm_config)

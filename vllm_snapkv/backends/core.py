@@ -19,8 +19,9 @@ metadata builder derives a :class:`StepPlan` (:func:`plan_step`):
   (:meth:`WindowStash.update`).
 
 Nothing here knows a cache layout: reads and writes of single tokens go through a
-:class:`CacheAccessor` that each adapter (``backends/cpu.py``; a future FlashAttention one)
-implements over its own kernel's layout.
+:class:`CacheAccessor` that each adapter (``backends/cpu.py``, ``backends/cuda.py``)
+implements over its own kernel's layout. The adapters' builders and impls share
+:func:`shift_common_metadata`, :func:`extend_metadata` and :func:`after_attention`.
 
 A debug recorder (off by default; ``VLLM_SNAPKV_DEBUG=1`` or :func:`set_debug`) keeps, at
 compaction time, the original K/V of exactly the kept tokens, and in later steps compares each
@@ -30,6 +31,7 @@ plus the generated ones (:func:`debug_check_row`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -52,14 +54,18 @@ __all__ = [
     "StashTask",
     "StepPlan",
     "WindowStash",
+    "after_attention",
+    "compact_by_read_write",
     "compact_row",
     "current_batch",
     "debug_check_row",
     "dense_attention",
+    "extend_metadata",
     "forget_requests",
     "plan_step",
     "publish_batch",
     "set_debug",
+    "shift_common_metadata",
     "shift_rows",
     "stash_row",
     "state",
@@ -222,6 +228,62 @@ def shift_rows(seq_lens: torch.Tensor, block_table: torch.Tensor, shifted: list[
     return out_seq_lens, out_block_table
 
 
+def shift_common_metadata(cm, plan: StepPlan, block_size: int, *,
+                          out_seq_lens: torch.Tensor | None = None,
+                          out_block_table: torch.Tensor | None = None):
+    """``cm`` (vLLM's ``CommonAttentionMetadata``) with ``plan.shifted`` rows shifted, as every
+    adapter's builder hands it to its base builder: ``seq_lens``/``block_table_tensor`` from
+    :func:`shift_rows` (into ``out_*`` when given), ``seq_lens_cpu_upper_bound`` lowered by each
+    row's eviction, and ``max_seq_len`` recomputed. With ``seq_lens`` on the CPU the max is
+    exact; on a device it comes from the (shifted) CPU upper bound, capped by the old
+    ``max_seq_len`` (both are upper bounds), so no device-to-host sync happens; without an upper
+    bound the old ``max_seq_len`` stays (an upper bound, which the attention backends accept).
+    """
+    seq_lens, block_table = shift_rows(cm.seq_lens, cm.block_table_tensor, plan.shifted,
+                                       block_size, out_seq_lens=out_seq_lens,
+                                       out_block_table=out_block_table)
+    changes = dict(seq_lens=seq_lens, block_table_tensor=block_table)
+    ub = None
+    if cm.seq_lens_cpu_upper_bound is not None:
+        ub = cm.seq_lens_cpu_upper_bound.clone()
+        for s in plan.shifted:
+            ub[s.row] -= s.evicted
+        changes["seq_lens_cpu_upper_bound"] = ub
+    if seq_lens.device.type == "cpu":
+        changes["max_seq_len"] = int(seq_lens[: cm.num_reqs].max())
+    elif ub is not None:
+        changes["max_seq_len"] = min(int(cm.max_seq_len), int(ub[: cm.num_reqs].max()))
+    return dataclasses.replace(cm, **changes)
+
+
+def extend_metadata(md, base_cls: type, cls: type, **extra):
+    """``cls(**fields of md as a base_cls, **extra)``: wrap a backend's metadata in the adapter's
+    subclass (which adds ``snapkv_plan`` and ``unshifted_block_table``)."""
+    fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(base_cls)}
+    return cls(**fields, **extra)
+
+
+def after_attention(plan: StepPlan, layer: str, query: torch.Tensor, output: torch.Tensor,
+                    kv_cache: torch.Tensor, block_table: torch.Tensor, get_accessor,
+                    scale: float) -> None:
+    """What an adapter's impl runs after its normal attention, for one layer: stash window
+    queries of unfinished prefills, select + compact rows completing prefill, and (debug mode)
+    check compacted rows' outputs. ``query`` is ``[num_tokens, Hq, D]``; ``block_table`` the
+    step's *unshifted* block table; ``get_accessor()`` returns the layer's
+    :class:`CacheAccessor` (called only when needed)."""
+    for task in plan.stashing:
+        stash_row(task, query, layer)
+    if plan.completing:
+        acc = get_accessor()
+        for task in plan.completing:
+            compact_row(task, query, kv_cache, block_table[task.row], acc, layer)
+    if plan.shifted and _STATE.debug is not None:
+        acc = get_accessor()
+        o = output.view(output.shape[0], query.shape[1], -1)
+        for row in plan.shifted:
+            debug_check_row(row, query, o, kv_cache, block_table[row.row], acc, layer, scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache access (implemented per backend)
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +301,30 @@ class CacheAccessor(Protocol):
                 dest_start: int) -> int:
         """Move ``kept`` [H, k] (sorted per head) to logical slots ``dest_start ..``."""
         ...
+
+
+def compact_by_read_write(read_kv, write_kv, kept: torch.Tensor, dest_start: int) -> int:
+    """Generic :meth:`CacheAccessor.compact` from an accessor's per-token ``read_kv(positions)``
+    and ``write_kv(positions, keys, values)`` (both ``[H, n, D]``; positions ``[n]`` or
+    ``[H, n]``): move, per KV head, ``kept[h]`` (sorted) to logical slots ``dest_start ..``.
+
+    Columns where every head already sits at its destination are identity moves and skipped;
+    everything that moves is read into fresh tensors before anything is written, so the
+    overlapping source and destination of the tail placement are safe. Returns the number of
+    columns moved. (The same algorithm as :func:`vllm_snapkv.paged_kv.compact`.)
+    """
+    kept = kept.to(torch.int64)
+    if kept.dim() != 2:
+        raise ValueError(f"kept must be [H, k], got {tuple(kept.shape)}")
+    k = kept.shape[1]
+    dest = torch.arange(dest_start, dest_start + k, dtype=torch.int64, device=kept.device)
+    moving = (kept != dest[None, :]).any(dim=0).nonzero().flatten().tolist()
+    if not moving:
+        return 0
+    lo, hi = moving[0], moving[-1] + 1
+    keys, values = read_kv(kept[:, lo:hi])
+    write_kv(dest[lo:hi], keys, values)
+    return hi - lo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +532,7 @@ def compact_row(task: CompletionTask, query: torch.Tensor, kv_cache: torch.Tenso
     p = task.placement
     n = p.prompt_len
     q_win, from_stash = window_queries(task, query, layer)
-    positions = torch.arange(n, dtype=torch.int64)
+    positions = torch.arange(n, dtype=torch.int64, device=kv_cache.device)
     keys, values = accessor.read_kv(kv_cache, block_ids, positions)
     settings = task.settings.replace(budget=p.kept)
     kept = select_tokens_with_settings(q_win, keys, settings)
@@ -520,19 +606,20 @@ def debug_check_row(row: ShiftedRow, query: torch.Tensor, output: torch.Tensor,
     n, e = rec.prompt_len, rec.evicted
     seq_len = row.num_computed + (row.q_end - row.q_start)
     # What sits in the compacted slots must be exactly the kept tokens' original K/V.
-    k_slots, v_slots = accessor.read_kv(kv_cache, block_ids, torch.arange(e, n))
+    dev = kv_cache.device
+    k_slots, v_slots = accessor.read_kv(kv_cache, block_ids, torch.arange(e, n, device=dev))
     slot_err = max(float((k_slots.float() - rec.keys.float()).abs().max()),
                    float((v_slots.float() - rec.values.float()).abs().max()))
     hkv = rec.keys.shape[0]
     k_all, v_all, pos_all = rec.keys, rec.values, rec.kept
     if seq_len > n:
-        gen_pos = torch.arange(n, seq_len)
+        gen_pos = torch.arange(n, seq_len, device=dev)
         k_gen, v_gen = accessor.read_kv(kv_cache, block_ids, gen_pos)
         k_all = torch.cat([k_all, k_gen.to(k_all.dtype)], dim=1)
         v_all = torch.cat([v_all, v_gen.to(v_all.dtype)], dim=1)
         pos_all = torch.cat([pos_all, gen_pos[None, :].expand(hkv, -1)], dim=1)
     q = query[row.q_start:row.q_end]
-    q_pos = torch.arange(row.num_computed, seq_len)
+    q_pos = torch.arange(row.num_computed, seq_len, device=dev)
     ref = dense_attention(q, k_all, v_all, q_pos, pos_all, scale)
     got = output[row.q_start:row.q_end].reshape(ref.shape).to(torch.float64)
     err = float((got - ref).abs().max())

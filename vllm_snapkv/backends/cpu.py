@@ -13,7 +13,6 @@ The worker (:mod:`vllm_snapkv.worker`) installs :class:`SnapKVCPUBackend` in pla
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -73,19 +72,10 @@ class SnapKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return super().build(common_prefix_len, cm, fast_build)
         unshifted = cm.block_table_tensor
         if plan.shifted:
-            seq_lens, block_table = core.shift_rows(cm.seq_lens, cm.block_table_tensor,
-                                                    plan.shifted, self.block_size)
-            changes = dict(seq_lens=seq_lens, block_table_tensor=block_table,
-                           max_seq_len=int(seq_lens[: cm.num_reqs].max()))
-            if cm.seq_lens_cpu_upper_bound is not None:
-                ub = cm.seq_lens_cpu_upper_bound.clone()
-                for s in plan.shifted:
-                    ub[s.row] -= s.evicted
-                changes["seq_lens_cpu_upper_bound"] = ub
-            cm = dataclasses.replace(cm, **changes)
+            cm = core.shift_common_metadata(cm, plan, self.block_size)
         md = super().build(common_prefix_len, cm, fast_build)
-        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
-        return SnapKVCPUMetadata(**fields, snapkv_plan=plan, unshifted_block_table=unshifted)
+        return core.extend_metadata(md, CPUAttentionMetadata, SnapKVCPUMetadata,
+                                    snapkv_plan=plan, unshifted_block_table=unshifted)
 
 
 class SnapKVCPUImpl(CPUAttentionBackendImpl):
@@ -112,20 +102,10 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
             raise NotImplementedError(
                 "vllm-snapkv: sliding-window, ALiBi, sink, soft-capped layers and fp8 KV caches "
                 "are not supported with compression yet")
-        name = layer.layer_name
         q = query.view(query.shape[0], self.num_heads, self.head_size)
-        for task in plan.stashing:
-            core.stash_row(task, q, name)
-        bt = attn_metadata.unshifted_block_table
-        if plan.completing:
-            acc = self._get_accessor(kv_cache, layer)
-            for task in plan.completing:
-                core.compact_row(task, q, kv_cache, bt[task.row], acc, name)
-        if plan.shifted and core.state().debug is not None:
-            acc = self._get_accessor(kv_cache, layer)
-            o = output.view(output.shape[0], self.num_heads, -1)
-            for row in plan.shifted:
-                core.debug_check_row(row, q, o, kv_cache, bt[row.row], acc, name, self.scale)
+        core.after_attention(plan, layer.layer_name, q, output, kv_cache,
+                             attn_metadata.unshifted_block_table,
+                             lambda: self._get_accessor(kv_cache, layer), self.scale)
         return out
 
 
