@@ -1,4 +1,5 @@
-# The two commands of the README. Both set up what they need first (idempotent).
+# The two commands of the README. Both set up what they need first (idempotent); `make test`
+# also installs Debian's prometheus (the metrics tests scrape the real server with it).
 .PHONY: setup serve test unit
 
 setup:
@@ -8,6 +9,7 @@ serve:
 	scripts/serve.sh
 
 test: setup
+	scripts/install-prometheus.sh
 	.venv/bin/python -m pytest tests
 
 unit: setup

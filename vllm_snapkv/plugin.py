@@ -54,6 +54,9 @@ def _wire_engine_args(engine_args: Any) -> CompressionConfig:
                 f"--kv-compression snapkv brings its own scheduler; it cannot be combined with "
                 f"--scheduler-cls {engine_args.scheduler_cls}"
             )
+        from vllm_snapkv import metrics
+
+        metrics.wire(engine_args)  # the SnapKV metrics connector (composed with the user's)
     return config
 
 

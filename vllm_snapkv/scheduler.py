@@ -16,6 +16,11 @@ vanilla vLLM, each in one small override:
 * **Prefix hits** (:meth:`SnapKVSchedulerMixin._get_local_prefix_cache_hit`): a compressed request
   reuses cached blocks only below its own E, so its tail [E, N), which compaction rewrites, is made
   of blocks it owns alone.
+
+Observability (:mod:`vllm_snapkv.metrics`): the scheduler records each request's first
+compaction, its release and its finish in a :class:`~vllm_snapkv.metrics.StatsRecorder`, which the
+SnapKV metrics connector hands to vLLM's KV-connector stats each step, and it adds the request's
+summary under ``"snapkv"`` to the ``kv_transfer_params`` of its final output.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.request import Request
 
+from vllm_snapkv import metrics
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.placement import Placement
+from vllm_snapkv.settings import SettingsError
 
 logger = init_logger("vllm.snapkv")
 
@@ -82,6 +89,13 @@ class SnapKVSchedulerMixin:
     def _snapkv_init(self) -> None:
         self.snapkv_config = CompressionConfig.from_vllm_config(self.vllm_config)
         self.snapkv_placements = {}
+        self.snapkv_recorder = metrics.StatsRecorder()
+        connector = metrics.find_connector(getattr(self, "connector", None))
+        if connector is not None:
+            connector.recorder = self.snapkv_recorder
+        else:
+            logger.warning("SnapKV: no SnapKV metrics connector configured; the vllm:snapkv_* "
+                           "metrics are not exported (per-request summaries still are)")
         self.snapkv_block_size = self.cache_config.block_size
         swapped = 0
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
@@ -99,6 +113,7 @@ class SnapKVSchedulerMixin:
             )
 
     def _snapkv_on_freed(self, request_id: str, placement: Placement) -> None:
+        self.snapkv_recorder.compacted(request_id, placement)
         logger.info(
             "SnapKV compressed request %s: %d -> %d prompt tokens per KV head, %d of %d blocks "
             "freed", request_id, placement.prompt_len, placement.kept, placement.freed_blocks,
@@ -125,10 +140,38 @@ class SnapKVSchedulerMixin:
             boundary = min(boundary, num_local)
         return blocks, num_local, boundary, diverged
 
+    def _snapkv_skip_reason(self, request: Request, placement: Placement | None,
+                            compacted: bool) -> str | None:
+        if compacted:
+            return None
+        if placement is not None:
+            return metrics.SKIP_NOT_COMPACTED
+        sp = request.sampling_params
+        if sp is None:
+            return metrics.SKIP_FITS
+        try:
+            opted_out = self.snapkv_config.request_settings(sp.extra_args) is None
+        except SettingsError:
+            opted_out = False
+        return metrics.SKIP_OPTED_OUT if opted_out else metrics.SKIP_FITS
+
     def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
+        rid = request.request_id
+        placement = self.snapkv_placements.get(rid)
+        compacted = self.snapkv_recorder.was_compacted(rid)
         result = super()._free_request(request, delay_free_blocks)  # type: ignore[misc]
-        self.snapkv_placements.pop(request.request_id, None)
-        return result
+        self.snapkv_placements.pop(rid, None)
+        self.snapkv_recorder.finished(rid, self._snapkv_skip_reason(request, placement,
+                                                                    compacted))
+        summary = metrics.request_summary(request.num_prompt_tokens, placement, compacted)
+        if isinstance(result, tuple) and result:
+            return (metrics.merge_kv_transfer_params(result[0], summary), *result[1:])
+        return metrics.merge_kv_transfer_params(result, summary)
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        # A preempted request holds no blocks until it is recomputed (and compacted again).
+        self.snapkv_recorder.released(request.request_id)
+        return super()._preempt_request(request, *args, **kwargs)  # type: ignore[misc]
 
     def snapkv_placement(self, request_id: str) -> Placement | None:
         """The placement of a live request (``None`` when it is not compressed)."""

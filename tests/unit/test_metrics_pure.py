@@ -1,0 +1,152 @@
+"""Pure parts of vllm_snapkv.metrics: per-request summary, stats payload aggregation, the
+scheduler-side recorder, the --kv-transfer-config composition, the Prometheus series (on a private
+registry), and the dashboard/scrape files in deploy/."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry
+
+from vllm_snapkv import metrics
+from vllm_snapkv.placement import plan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_request_summary_compressed_and_whole() -> None:
+    p = plan(2500, 1024, 128)  # E = 1408, kept 1092, 11 blocks freed
+    s = metrics.request_summary(2500, p, compacted=True)
+    assert s == {"compressed": True, "prompt_tokens": 2500, "kept_tokens": 1092,
+                 "evicted_tokens": 1408, "freed_blocks": 11, "ratio": 1092 / 2500}
+    whole = metrics.request_summary(2500, p, compacted=False)
+    assert whole["kept_tokens"] == 2500 and whole["freed_blocks"] == 0 and whole["ratio"] == 1.0
+    assert metrics.request_summary(5, None, False)["compressed"] is False
+
+
+def test_merge_keeps_a_real_connectors_params() -> None:
+    out = metrics.merge_kv_transfer_params({"do_remote_decode": True}, {"ratio": 0.5})
+    assert out == {"do_remote_decode": True, "snapkv": {"ratio": 0.5}}
+    assert metrics.merge_kv_transfer_params(None, {"ratio": 1.0}) == {"snapkv": {"ratio": 1.0}}
+
+
+def test_aggregate_sums_counts_concats_and_takes_max_time() -> None:
+    a = {"compressed": [[2000, 1000, 7]], "skipped": {"fits_budget": 2},
+         "selection_s": {"r1": 0.5}, "blocks_saved": 7}
+    b = {"compressed": [[3000, 1100, 14]], "skipped": {"fits_budget": 1, "opted_out": 1},
+         "selection_s": {"r1": 0.7, "r2": 0.1}, "blocks_saved": None}
+    out = metrics.aggregate_data(a, b)
+    assert out["compressed"] == [[2000, 1000, 7], [3000, 1100, 14]]
+    assert out["skipped"] == {"fits_budget": 3, "opted_out": 1}
+    assert out["selection_s"] == {"r1": 0.7, "r2": 0.1}
+    assert out["blocks_saved"] == 7
+    stats = metrics.SnapKVStats(data=a).aggregate(metrics.SnapKVStats(data=b))
+    red = stats.reduce()
+    assert red["SnapKV compressed"] == 2 and red["skipped"] == 4 and red["freed blocks"] == 21
+    assert red["kept ratio"] == pytest.approx(2100 / 5000, abs=1e-4)
+    assert metrics.SnapKVStats().is_empty() and not stats.is_empty()
+
+
+def test_recorder_counts_each_request_once_and_tracks_the_gauge() -> None:
+    rec = metrics.StatsRecorder()
+    assert rec.take() is not None  # first take publishes the gauge (0)
+    assert rec.take() is None  # nothing new
+    p = plan(2500, 1024, 128)
+    rec.compacted("a", p)
+    rec.compacted("a", p)  # recompute after preemption: not counted twice
+    data = rec.take().data
+    assert data["compressed"] == [[2500, 1092, 11]] and data["blocks_saved"] == 11
+    rec.released("a")  # preempted
+    assert rec.take().data["blocks_saved"] == 0
+    rec.compacted("a", p)
+    assert rec.take().data == {**metrics.empty_data(), "blocks_saved": 11}
+    assert rec.was_compacted("a")
+    rec.finished("a", None)
+    rec.finished("b", metrics.SKIP_OPTED_OUT)
+    data = rec.take().data
+    assert data["blocks_saved"] == 0 and data["skipped"] == {"opted_out": 1}
+    assert not rec.was_compacted("a")
+
+
+def test_composition_of_kv_transfer_config() -> None:
+    alone = metrics.composed_kv_transfer_config(None)
+    assert alone["kv_connector"] == "SnapKVConnector" and alone["kv_role"] == "kv_both"
+    user = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": "/tmp/x"}}
+    multi = metrics.composed_kv_transfer_config(user)
+    assert multi["kv_connector"] == "MultiConnector"
+    children = multi["kv_connector_extra_config"]["connectors"]
+    assert children[0] == user and children[1]["kv_connector"] == "SnapKVConnector"
+    # Idempotent, and an existing MultiConnector gets SnapKV appended once.
+    assert metrics.composed_kv_transfer_config(multi) == multi
+    with pytest.raises(ValueError, match="no kv_connector"):
+        metrics.composed_kv_transfer_config({"kv_role": "kv_both"})
+
+
+def test_wire_refuses_kv_offloading_and_builds_a_valid_config() -> None:
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model="x")
+    metrics.wire(args)
+    assert isinstance(args.kv_transfer_config, KVTransferConfig)
+    assert args.kv_transfer_config.has_connector("SnapKVConnector")
+    args = EngineArgs(model="x", kv_transfer_config=KVTransferConfig(
+        kv_connector="ExampleConnector", kv_role="kv_both"))
+    metrics.wire(args)
+    assert args.kv_transfer_config.kv_connector == "MultiConnector"
+    assert args.kv_transfer_config.has_connector("ExampleConnector")
+    assert args.kv_transfer_config.has_connector("SnapKVConnector")
+    args = EngineArgs(model="x", kv_offloading_size=4.0)
+    with pytest.raises(ValueError, match="kv-offloading-size"):
+        metrics.wire(args)
+
+
+def test_prom_metrics_observe() -> None:
+    reg = CollectorRegistry()
+    kinds = {cls: functools.partial(cls, registry=reg) for cls in
+             (prometheus_client.Gauge, prometheus_client.Counter, prometheus_client.Histogram)}
+    prom = metrics.SnapKVPromMetrics(_Cfg(), kinds, ["model_name", "engine"],
+                                     {0: ["m", "0"]})
+    prom.observe({"compressed": [[2000, 1000, 7], [4000, 1000, 23]],
+                  "skipped": {"fits_budget": 3}, "selection_s": {"r": 0.02},
+                  "blocks_saved": 30})
+    lbl = {"model_name": "m", "engine": "0"}
+    v = reg.get_sample_value
+    assert v("vllm:snapkv_compression_ratio_count", lbl) == 2
+    assert v("vllm:snapkv_compression_ratio_sum", lbl) == pytest.approx(0.75)
+    assert v("vllm:snapkv_compression_factor_sum", lbl) == pytest.approx(6.0)
+    assert v("vllm:snapkv_compressed_requests_total", lbl) == 2
+    assert v("vllm:snapkv_evicted_tokens_total", lbl) == 4000
+    assert v("vllm:snapkv_freed_blocks_total", lbl) == 30
+    assert v("vllm:snapkv_skipped_requests_total", {**lbl, "reason": "fits_budget"}) == 3
+    assert v("vllm:snapkv_selection_seconds_count", lbl) == 1
+    assert v("vllm:snapkv_blocks_saved", lbl) == 30
+
+
+class _Cfg:
+    kv_transfer_config = None
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((REPO / "deploy/grafana/dashboards/vllm-snapkv.json").read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def test_dashboard_is_importable_json_with_a_datasource_variable() -> None:
+    dash = json.loads((REPO / "deploy/grafana/dashboards/vllm-snapkv.json").read_text())
+    names = {v["name"]: v for v in dash["templating"]["list"]}
+    assert names["datasource"]["type"] == "datasource"
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])
+    exprs = " ".join(dashboard_exprs())
+    for needed in ("vllm:snapkv_compression_ratio_bucket", "vllm:snapkv_blocks_saved",
+                   "vllm:kv_cache_usage_perc", "vllm:snapkv_compressed_requests_total",
+                   "vllm:snapkv_skipped_requests_total", "vllm:snapkv_selection_seconds_bucket",
+                   "vllm:num_preemptions_total", "vllm:generation_tokens_total"):
+        assert needed in exprs, needed
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))

@@ -1,0 +1,114 @@
+"""``SnapKVConnector``: a vLLM KV connector that transfers nothing and carries SnapKV's stats.
+
+vLLM builds it from ``--kv-transfer-config`` (the plugin sets that, see
+:func:`vllm_snapkv.metrics.wire`) in every process that needs it:
+
+* engine core (role SCHEDULER): :meth:`get_kv_connector_stats` returns what the SnapKV scheduler
+  recorded since the last step (the scheduler attaches its :class:`~vllm_snapkv.metrics.
+  StatsRecorder` to this object at start-up);
+* workers (role WORKER): installs :class:`~vllm_snapkv.metrics.SelectionTimer` and returns the
+  step's per-request selection times;
+* API servers: :meth:`build_prom_metrics` creates the ``vllm:snapkv_*`` series and
+  :meth:`build_kv_connector_stats` rebuilds payloads for vLLM's periodic log line.
+
+It never reports external tokens, never loads or saves KV, never delays a free and returns no
+``kv_transfer_params`` (the scheduler adds the per-request summary itself), so it composes with a
+real connector inside ``MultiConnector`` without changing what that connector does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+
+from vllm_snapkv import metrics
+
+
+class SnapKVConnectorMetadata(KVConnectorMetadata):
+    """Nothing to tell the workers."""
+
+
+class SnapKVConnector(KVConnectorBase_V1, SupportsHMA):
+    """See the module docstring. ``SupportsHMA`` so that configuring it does not make vLLM turn
+    off the hybrid KV-cache manager."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
+                 ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        #: set by the SnapKV scheduler (scheduler role only)
+        self.recorder: metrics.StatsRecorder | None = None
+        self._timer = metrics.SelectionTimer.install() if role == KVConnectorRole.WORKER \
+            else None
+
+    # -- worker side: no transfers ------------------------------------------------------------
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        return
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        return
+
+    # -- scheduler side: no external tokens ---------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        return 0, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any,
+                                 num_external_tokens: int) -> None:
+        return
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return SnapKVConnectorMetadata()
+
+    def request_finished(self, request: Any, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        return False, None
+
+    def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        return False, None
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> metrics.SnapKVStats | None:
+        if self._timer is not None:
+            return self._timer.take()
+        if self.recorder is not None:
+            return self.recorder.take()
+        return None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> metrics.SnapKVStats | None:
+        if data is None:
+            return metrics.SnapKVStats()
+        return metrics.SnapKVStats(data=metrics.aggregate_data(metrics.empty_data(), data))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]
+                           ) -> metrics.SnapKVPromMetrics:
+        return metrics.SnapKVPromMetrics(vllm_config, metric_types, labelnames,
+                                         per_engine_labelvalues)
+
+
+# MultiConnector rebuilds children's stats by class name in the API server; the module is
+# imported there (through kv_connector_module_path) before any stats arrive.
+if metrics.CONNECTOR_NAME not in KVConnectorFactory._registry:
+    KVConnectorFactory.register_connector(metrics.CONNECTOR_NAME, __name__,
+                                          metrics.CONNECTOR_NAME)
