@@ -30,35 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.kvpress_venv import ensure_kvpress_python  # noqa: E402
+
 DEFAULT_MODEL = REPO / ".cache" / "models" / "smollm2-135m-instruct"
-DEFAULT_VENV = REPO / ".venv-kvpress"
-
-
-def _ensure_kvpress_python(argv: list[str]) -> None:
-    """Re-exec under the kvpress venv unless kvpress 0.5.5 is importable here."""
-    try:
-        from importlib.metadata import version
-
-        if version("kvpress") == "0.5.5":
-            return
-    except Exception:
-        pass
-    if os.environ.get("_SNAPKV_CROSSCHECK_REEXEC") == "1":
-        sys.exit("kvpress 0.5.5 is not importable even inside its venv; see benchmarks/kvpress_env.sh")
-    venv = Path(os.environ.get("KVPRESS_VENV", DEFAULT_VENV))
-    subprocess.run([str(REPO / "benchmarks" / "kvpress_env.sh"), str(venv)], check=True)
-    env = dict(os.environ, _SNAPKV_CROSSCHECK_REEXEC="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
-    env.setdefault("VLLM_SNAPKV_SKIP_VERSION_CHECK", "1")
-    py = venv / "bin" / "python"
-    os.execve(str(py), [str(py), str(Path(__file__).resolve()), *argv], env)
 
 
 def _prompt_text() -> str:
@@ -286,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "results" / "kvpress_crosscheck.json"))
     args = parser.parse_args(argv)
-    _ensure_kvpress_python(argv)
+    ensure_kvpress_python(__file__, argv)
     report = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

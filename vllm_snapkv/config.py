@@ -9,6 +9,8 @@ agree on every request's placement without talking to each other.
 Per-request control travels in ``SamplingParams.extra_args`` (the OpenAI API's ``vllm_xargs``):
 
 * ``"kv_compression": "none"`` — this request opts out (behaves exactly as vanilla vLLM);
+  ``"snapkv"`` / ``"recency"`` — this request uses that method (the recency baseline is there so
+  the same server can show what SnapKV's selection buys over keeping the most recent tokens);
 * ``"snapkv_budget": 2048`` or ``"snapkv_ratio": 0.25`` — a different amount for this request.
 
 Anything else under a ``snapkv_`` prefix, or a bad value, is refused by
@@ -24,13 +26,15 @@ from typing import Any
 
 from vllm_snapkv.placement import Placement, plan
 from vllm_snapkv.selection import kept_count
-from vllm_snapkv.settings import SettingsError, SnapKVSettings
+from vllm_snapkv.settings import RECENCY_SINK, SettingsError, SnapKVSettings
 
-#: Key of ``additional_config`` holding the method (``"none"`` or ``"snapkv"``).
+#: Key of ``additional_config`` holding the method (one of :data:`METHODS`).
 METHOD_KEY = "kv_compression"
 #: Key of ``additional_config`` holding the SnapKV settings dict (plus ``min_prompt``).
 SETTINGS_KEY = "snapkv"
-METHODS: tuple[str, ...] = ("none", "snapkv")
+#: ``none`` = vanilla vLLM; ``snapkv`` = SnapKV's selection; ``recency`` = the baseline that keeps
+#: sinks + the most recent tokens at the same budget and placement (settings' ``scorer``).
+METHODS: tuple[str, ...] = ("none", "snapkv", "recency")
 
 #: Default amount when neither budget nor ratio is given: the SnapKV paper's 1024-token budget.
 DEFAULT_BUDGET = 1024
@@ -49,8 +53,9 @@ class CompressionConfig:
     """What the engine does to long prompts.
 
     Attributes:
-        method: ``"none"`` (vanilla vLLM) or ``"snapkv"``.
-        settings: the SnapKV selection settings (``None`` when ``method == "none"``).
+        method: ``"none"`` (vanilla vLLM), ``"snapkv"`` or ``"recency"``.
+        settings: the selection settings as configured, scorer ``"snapkv"`` (``None`` when
+            ``method == "none"``); :meth:`method_settings` derives the recency baseline's.
         min_prompt: prompts shorter than this many tokens are never compressed, whatever the
             budget/ratio says (useful with ``ratio``, which would otherwise shrink short prompts).
     """
@@ -62,15 +67,27 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SettingsError("kv_compression", self.method, f"must be one of {', '.join(METHODS)}")
-        if self.method == "snapkv" and self.settings is None:
-            raise SettingsError("kv_compression", self.method, "snapkv needs settings")
+        if self.method != "none" and self.settings is None:
+            raise SettingsError("kv_compression", self.method, f"{self.method} needs settings")
         if isinstance(self.min_prompt, bool) or not isinstance(self.min_prompt, int) \
                 or self.min_prompt < 0:
             raise SettingsError("min_prompt", self.min_prompt, "must be an integer >= 0")
 
     @property
     def enabled(self) -> bool:
-        return self.method == "snapkv"
+        return self.method != "none"
+
+    def method_settings(self, method: str) -> SnapKVSettings:
+        """The configured settings, scored by ``method`` (``"snapkv"`` or ``"recency"``).
+
+        The recency baseline keeps StreamingLLM's :data:`~vllm_snapkv.settings.RECENCY_SINK` sinks
+        unless ``sink`` was configured.
+        """
+        assert self.settings is not None
+        if method == "recency":
+            return self.settings.replace(scorer="recency",
+                                         sink=self.settings.sink or RECENCY_SINK)
+        return self.settings
 
     # ------------------------------------------------------------------ construction
 
@@ -88,6 +105,9 @@ class CompressionConfig:
         if not isinstance(raw, Mapping):
             raise SettingsError(SETTINGS_KEY, raw, "must be a mapping of setting name to value")
         raw = {k: v for k, v in raw.items() if v is not None}
+        if "scorer" in raw:
+            raise SettingsError("scorer", raw["scorer"],
+                                f"choose the scorer with kv_compression ({', '.join(METHODS[1:])})")
         min_prompt = raw.pop("min_prompt", 0)
         if method == "none":
             return cls(method="none", settings=None, min_prompt=min_prompt)
@@ -104,7 +124,9 @@ class CompressionConfig:
         """Inverse of :meth:`from_additional_config`."""
         out: dict[str, Any] = {METHOD_KEY: self.method}
         if self.settings is not None:
-            out[SETTINGS_KEY] = {**self.settings.to_dict(), "min_prompt": self.min_prompt}
+            settings = self.settings.to_dict()
+            del settings["scorer"]  # carried by the method
+            out[SETTINGS_KEY] = {**settings, "min_prompt": self.min_prompt}
         return out
 
     # ------------------------------------------------------------------ per request
@@ -119,14 +141,11 @@ class CompressionConfig:
         if not self.enabled:
             return None
         extra = dict(extra_args or {})
-        if REQUEST_METHOD_KEY in extra:
-            method = extra[REQUEST_METHOD_KEY]
-            if method not in METHODS:
-                raise SettingsError(
-                    REQUEST_METHOD_KEY, method, f"must be one of {', '.join(METHODS)}"
-                )
-            if method == "none":
-                return None
+        method = extra.get(REQUEST_METHOD_KEY, self.method)
+        if not isinstance(method, str) or method not in METHODS:
+            raise SettingsError(REQUEST_METHOD_KEY, method, f"must be one of {', '.join(METHODS)}")
+        if method == "none":
+            return None
         changes: dict[str, Any] = {}
         for key, value in extra.items():
             if not key.startswith(REQUEST_PREFIX):
@@ -142,11 +161,11 @@ class CompressionConfig:
                 "snapkv_budget", changes["budget"],
                 "give snapkv_budget or snapkv_ratio, not both",
             )
-        assert self.settings is not None
+        base = self.method_settings(method)
         if not changes:
-            return self.settings
+            return base
         try:
-            return self.settings.override(changes)
+            return base.override(changes)
         except SettingsError as err:
             # Re-aim the error at the request field the client actually sent.
             key = _REQUEST_KEY_OF.get(err.setting, err.setting)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,55 +245,34 @@ class StatsRecorder:
 
 
 class SelectionTimer:
-    """Times ``select_tokens_with_settings`` inside ``compact_row`` per request, summed over
-    layers, by wrapping the two functions of :mod:`vllm_snapkv.backends.core` in this process.
+    """Per-request SnapKV selection time (scoring + top-k), summed over layers.
 
-    The wrappers call the originals unchanged (generation is unaffected). Installed once per
-    worker process by the connector's worker side; :meth:`take` is called at the end of every step.
+    Registers :meth:`add` as a selection observer of :mod:`vllm_snapkv.backends.core` (whose
+    ``compact_row`` reports each layer's selection time), so generation itself is untouched.
+    Installed once per worker process by the connector's worker side; :meth:`take` is called at
+    the end of every step.
     """
 
     _lock = threading.Lock()
     _installed: SelectionTimer | None = None
 
     def __init__(self) -> None:
-        self._current: str | None = None
         self._times: dict[str, float] = {}
 
     @classmethod
     def install(cls) -> SelectionTimer:
+        """The process's timer, registered with the backends' core on first call."""
         with cls._lock:
-            if cls._installed is not None:
-                return cls._installed
-            from vllm_snapkv.backends import core
+            if cls._installed is None:
+                from vllm_snapkv.backends import core
 
-            timer = cls()
-            orig_compact = core.compact_row
-            orig_select = core.select_tokens_with_settings
+                timer = cls()
+                core.add_selection_observer(timer.add)
+                cls._installed = timer
+            return cls._installed
 
-            def compact_row(task, *args, **kwargs):
-                timer._current = task.req_id
-                try:
-                    return orig_compact(task, *args, **kwargs)
-                finally:
-                    timer._current = None
-
-            def select_tokens_with_settings(*args, **kwargs):
-                t0 = time.perf_counter()
-                try:
-                    return orig_select(*args, **kwargs)
-                finally:
-                    timer.add(timer._current, time.perf_counter() - t0)
-
-            compact_row.__wrapped__ = orig_compact  # type: ignore[attr-defined]
-            select_tokens_with_settings.__wrapped__ = orig_select  # type: ignore[attr-defined]
-            core.compact_row = compact_row
-            core.select_tokens_with_settings = select_tokens_with_settings
-            cls._installed = timer
-            return timer
-
-    def add(self, req_id: str | None, seconds: float) -> None:
-        if req_id is not None:
-            self._times[req_id] = self._times.get(req_id, 0.0) + seconds
+    def add(self, req_id: str, seconds: float) -> None:
+        self._times[req_id] = self._times.get(req_id, 0.0) + seconds
 
     def take(self) -> SnapKVStats | None:
         if not self._times:
@@ -415,6 +393,8 @@ def composed_kv_transfer_config(user: Any) -> dict[str, Any]:
     * ``MultiConnector`` -> SnapKV appended to its ``connectors`` (once);
     * any other connector -> a ``MultiConnector`` of [user's, SnapKV]. The user's comes first,
       so it keeps deciding loads; SnapKV never loads, saves or returns ``kv_transfer_params``.
+
+    Which user connectors may run with compression at all is :func:`check_kv_transfer`'s call.
     """
     if user is None:
         return snapkv_connector_dict()
@@ -442,23 +422,62 @@ def composed_kv_transfer_config(user: Any) -> dict[str, Any]:
             "kv_connector_extra_config": {"connectors": [child, snapkv_connector_dict()]}}
 
 
-def wire(engine_args: Any) -> None:
-    """Add the SnapKV metrics connector to ``engine_args`` (compression on).
+#: The KV connectors vLLM 0.32 bundles (``kv_connector/factory.py``) apart from ``MultiConnector``.
+#: Each moves prompt KV, which compression cannot share: loading a prompt's KV into a request
+#: skips the prefill whose last queries SnapKV needs (the engine stops, as measured with
+#: ``ExampleConnector``), and saving or sending it at or after the end of prefill reads the
+#: compacted tail ``[E, N)`` or the freed head blocks (``ExampleConnector`` stores the compacted
+#: tail under the whole prompt's hash, so a later load would inject it into another request).
+VLLM_KV_CONNECTORS = frozenset({
+    "DecodeBenchConnector", "ExampleConnector", "ExampleHiddenStatesConnector",
+    "FlexKVConnectorV1", "HF3FSKVConnector", "HiSparseConnector", "LMCacheConnectorV1",
+    "LMCacheMPConnector", "MoRIIOConnector", "MooncakeConnector", "MooncakeStoreConnector",
+    "NixlConnector", "NixlPullConnector", "NixlPushConnector", "OffloadingConnector",
+    "SimpleCPUOffloadConnector",
+})
 
-    Refuses, at start-up, what cannot carry the metrics: ``--kv-offloading-size`` (vLLM replaces
-    the connector it configures; give the offloading connector through ``--kv-transfer-config``
-    instead, which is composed) and ``--disable-log-stats`` is left alone (then nothing is
-    exported, as for vLLM's own metrics).
+
+def _prompt_kv_movers(cfg: Mapping[str, Any]) -> list[str]:
+    """Connectors in ``cfg`` (a connector dict, MultiConnector children included) named like one
+    of vLLM's: also when loaded from another module (LMCache ships its ``LMCacheConnectorV1``
+    that way), since a connector of that name is that connector or a variant of it."""
+    name = cfg.get("kv_connector")
+    if name == "MultiConnector":
+        extra = cfg.get("kv_connector_extra_config") or {}
+        return [n for child in extra.get("connectors") or [] for n in _prompt_kv_movers(child)]
+    return [name] if name in VLLM_KV_CONNECTORS else []
+
+
+def check_kv_transfer(engine_args: Any) -> None:
+    """Refuse (``ValueError``, one line naming the flag) KV-transfer settings that cannot work
+    with compression on: ``--kv-offloading-size`` (vLLM's offloading connector) and any of
+    vLLM's own connectors in ``--kv-transfer-config`` (see :data:`VLLM_KV_CONNECTORS`). Other
+    connectors (your own, from ``kv_connector_module_path``) are composed: the plugin cannot see
+    what they do, so they must not load or save prompt KV (``docs/observability.md``).
     """
-    from vllm.config import KVTransferConfig
-
     if getattr(engine_args, "kv_offloading_size", None) is not None:
         raise ValueError(
-            "--kv-compression snapkv cannot be combined with --kv-offloading-size: vLLM then "
-            "replaces the KV connector that carries SnapKV's metrics. Configure the offloading "
-            "connector with --kv-transfer-config instead (e.g. '{\"kv_connector\": "
-            "\"OffloadingConnector\", \"kv_role\": \"kv_both\", ...}'); SnapKV composes with it "
-            "through vLLM's MultiConnector.")
+            "--kv-offloading-size cannot be combined with --kv-compression snapkv: vLLM's "
+            "offloading connector saves prompt KV after SnapKV compacted it and loads it into "
+            "requests whose prefill SnapKV then cannot see; use one or the other")
+    user = engine_args.kv_transfer_config
+    movers = _prompt_kv_movers(_ktc_to_dict(user)) if user is not None else []
+    if movers:
+        raise ValueError(
+            f"--kv-transfer-config with {', '.join(movers)} cannot be combined with "
+            "--kv-compression snapkv: vLLM's KV connectors save or send prompt KV after SnapKV "
+            "compacted it (other requests would load corrupted KV) and load prompt KV into "
+            "requests whose prefill SnapKV then cannot see (the engine stops); use one or the "
+            "other")
+
+
+def wire(engine_args: Any) -> None:
+    """Add the SnapKV metrics connector to ``engine_args`` (compression on), after
+    :func:`check_kv_transfer`. ``--disable-log-stats`` is left alone (then nothing is exported,
+    as for vLLM's own metrics)."""
+    from vllm.config import KVTransferConfig
+
+    check_kv_transfer(engine_args)
     engine_args.kv_transfer_config = KVTransferConfig(
         **composed_kv_transfer_config(engine_args.kv_transfer_config))
 

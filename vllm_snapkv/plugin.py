@@ -6,11 +6,13 @@ flags. Registration must therefore be cheap and idempotent; it only wraps three 
 methods:
 
 * ``add_cli_args`` — adds the ``SnapKV`` flag group;
-* ``from_cli_args`` — folds the flags into ``additional_config`` and refuses bad values at
-  start-up with a message naming the flag;
+* ``from_cli_args`` — folds the flags into ``additional_config`` and refuses bad values (and,
+  with compression on, KV connectors it cannot share prompt KV with) at start-up with a
+  message naming the flag;
 * ``create_engine_config`` — for every way of starting an engine (CLI, ``LLM(...)``, YAML),
   validates ``additional_config`` and, when compression is on, wires in what it needs (the
-  per-request validator, the scheduler and the worker), so the user types nothing but the flags.
+  per-request validator, the scheduler and the worker, the metrics connector, the summary in
+  streaming responses), so the user types nothing but the flags.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import os
 from typing import Any
 
-from vllm_snapkv import cli
+from vllm_snapkv import cli, streaming
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.settings import SettingsError
 
@@ -159,6 +161,13 @@ def _patch_engine_args() -> None:
             )
         except SettingsError as err:
             raise cli.startup_error(err) from None
+        if CompressionConfig.from_additional_config(engine_args.additional_config).enabled:
+            from vllm_snapkv import metrics
+
+            try:
+                metrics.check_kv_transfer(engine_args)
+            except ValueError as err:
+                raise SystemExit(f"vllm serve: error: {err}") from None
         # Spawned API servers (--api-server-count > 1) rebuild EngineArgs from this Namespace
         # before the plugin is registered there: hand them the folded config.
         args.additional_config = dict(engine_args.additional_config)
@@ -168,6 +177,8 @@ def _patch_engine_args() -> None:
         config = _wire_engine_args(self)
         if config.enabled:
             _prepare_engine_env()
+            # This runs in every API-server process (each builds its engine client here).
+            streaming.install()
         vllm_config = original_create(self, *args, **kwargs)
         if config.enabled:
             _wire_vllm_config(vllm_config)

@@ -25,6 +25,8 @@ Exact semantics implemented here (``docs/selection.md`` has the full table):
   by smoothed score, and the ``w`` window positions. Ties are broken towards the *lower* position
   (a stable descending sort), so the result is deterministic on every device.
 * A prompt with ``N <= kept_count`` is returned whole.
+* ``scorer="recency"`` replaces the vote by the position itself (:func:`recency_scores`), so the
+  same selection keeps the sinks and the most recent ``kept - sink`` tokens — the baseline.
 
 Memory: the textbook computation materialises ``[Hq, w, N]`` probabilities (151 MB for SmolLM2
 shapes at 128K tokens). Above ``tile_size`` keys, :func:`window_scores` instead makes two passes
@@ -54,6 +56,7 @@ __all__ = [
     "MIN_TILE_SIZE",
     "effective_budget",
     "kept_count",
+    "recency_scores",
     "resolve_tile_size",
     "select_from_scores",
     "select_tokens",
@@ -326,8 +329,24 @@ def select_tokens_with_settings(
     if kept_count(n, settings) >= n:
         # Short prompt: nothing to evict, and no need for (possibly fewer than w) window queries.
         return torch.arange(n, device=keys.device, dtype=torch.long).expand(hkv, n).contiguous()
-    scores = window_scores(queries, keys, settings, tile_size=tile_size, score_dtype=score_dtype)
+    if settings.scorer == "recency":
+        scores = recency_scores(hkv, n, settings, device=keys.device)
+    else:
+        scores = window_scores(queries, keys, settings, tile_size=tile_size,
+                               score_dtype=score_dtype)
     return select_from_scores(scores, n, settings)
+
+
+def recency_scores(num_kv_heads: int, num_tokens: int, settings: SnapKVSettings, *,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Prefix scores of the recency baseline: each position's own index, for every KV head.
+
+    Fed to :func:`select_from_scores`, they keep the ``sink`` first positions and the most recent
+    ``kept - sink`` (window included) — StreamingLLM's rule at SnapKV's budget and placement, which
+    isolates what the observation window's vote is worth.
+    """
+    prefix = num_tokens - settings.window
+    return torch.arange(prefix, device=device, dtype=torch.float32).expand(num_kv_heads, prefix)
 
 
 def select_tokens(

@@ -22,6 +22,9 @@ Defaults (see ``docs/selection.md`` for the reasoning):
 * ``reduction="sum"`` — the reference sums the window's probabilities (ranking-equivalent to mean).
 * ``gqa_aggregation="mean"`` — as kvpress (one score per KV head, averaged over its query group).
 * ``sink=0`` — plain SnapKV keeps no sink tokens.
+* ``scorer="snapkv"`` — the SnapKV vote. ``"recency"`` is the baseline that shows what the vote
+  buys: same budget, same placement, but it keeps the sinks plus the most recent tokens
+  (StreamingLLM's rule, Xiao et al., arXiv:2309.17453); served as ``--kv-compression recency``.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ __all__ = [
     "PAPER_PRESET",
     "POOLINGS",
     "PRESETS",
+    "RECENCY_SINK",
     "REDUCTIONS",
+    "SCORERS",
     "SettingsError",
     "SnapKVSettings",
     "kvpress_preset",
@@ -57,10 +62,14 @@ DEFAULT_POOLING = "avg"
 DEFAULT_REDUCTION = "sum"
 DEFAULT_GQA_AGGREGATION = "mean"
 DEFAULT_SINK = 0
+DEFAULT_SCORER = "snapkv"
+#: Sinks the recency baseline keeps when ``sink`` is not set: StreamingLLM's four.
+RECENCY_SINK = 4
 
 POOLINGS: tuple[str, ...] = ("avg", "max")
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 GQA_AGGREGATIONS: tuple[str, ...] = ("mean", "max")
+SCORERS: tuple[str, ...] = ("snapkv", "recency")
 
 
 class SettingsError(ValueError):
@@ -113,6 +122,9 @@ class SnapKVSettings:
         reduction: how the window queries' probabilities combine: ``"sum"`` or ``"mean"``.
         gqa_aggregation: how a KV head's query group combines: ``"mean"`` or ``"max"``.
         sink: the first ``sink`` prompt positions are always kept (inside the budget). >= 0.
+        scorer: how the prefix positions are ranked: ``"snapkv"`` (the observation window's
+            pooled attention) or ``"recency"`` (position: the most recent win; a baseline that
+            ignores the queries, so window/kernel/pooling/reduction do not matter for it).
     """
 
     budget: int | None = None
@@ -123,6 +135,7 @@ class SnapKVSettings:
     reduction: str = DEFAULT_REDUCTION
     gqa_aggregation: str = DEFAULT_GQA_AGGREGATION
     sink: int = DEFAULT_SINK
+    scorer: str = DEFAULT_SCORER
 
     #: Extra key accepted by :meth:`from_dict` to start from a named preset.
     PRESET_KEY: ClassVar[str] = "preset"
@@ -150,6 +163,8 @@ class SnapKVSettings:
             )
         if not _is_int(self.sink) or self.sink < 0:
             raise SettingsError("sink", self.sink, "must be an integer >= 0")
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
+            raise SettingsError("scorer", self.scorer, f"must be one of {_choices(SCORERS)}")
 
         if self.budget is None and self.ratio is None:
             raise SettingsError(

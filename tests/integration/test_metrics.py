@@ -215,15 +215,15 @@ def _multiproc_dir(server: VllmServer) -> Path:
     pytest.fail("no server process has PROMETHEUS_MULTIPROC_DIR: not in multiprocess mode?")
 
 
-def _compressed_per_process(server: VllmServer) -> dict[str, float]:
-    """vllm:snapkv_compressed_requests_total as each API process recorded it (multiprocess files)."""
+def _counter_per_process(server: VllmServer, sample: str) -> dict[str, float]:
+    """Counter ``sample`` as each API process recorded it (multiprocess files)."""
     from prometheus_client.mmap_dict import MmapedDict
 
     per_pid: dict[str, float] = {}
     for f in _multiproc_dir(server).glob("counter_*.db"):
         pid = f.stem.split("_", 1)[1]
         for key, value, _ts, _pos in MmapedDict.read_all_values_from_file(str(f)):
-            if json.loads(key)[1] == "vllm:snapkv_compressed_requests_total":
+            if json.loads(key)[1] == sample:
                 per_pid[pid] = per_pid.get(pid, 0.0) + value
     return per_pid
 
@@ -231,7 +231,7 @@ def _compressed_per_process(server: VllmServer) -> dict[str, float]:
 def _wait_total(server: VllmServer, expected: int, timeout: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
-        per_pid = _compressed_per_process(server)
+        per_pid = _counter_per_process(server, "vllm:snapkv_compressed_requests_total")
         if sum(per_pid.values()) >= expected or time.monotonic() > deadline:
             return per_pid
         time.sleep(0.5)
@@ -315,3 +315,38 @@ def test_promtool_accepts_the_scrape_configs(prom: Prometheus) -> None:
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "SUCCESS" in out.stdout + out.stderr
+
+
+def _stream_summary(server: VllmServer, path: str, body: dict) -> dict | None:
+    """``kv_transfer_params.snapkv`` of the finish_reason chunk of a streamed request."""
+    with requests.Session() as session, session.post(
+            f"{server.url}{path}", json={**body, "stream": True}, stream=True,
+            timeout=600) as r:
+        assert r.status_code == 200, r.text
+        chunks = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
+                  if line.startswith("data: {")]
+    finals = [c for c in chunks if any(ch.get("finish_reason") for ch in c["choices"])]
+    assert len(finals) == 1
+    return finals[0].get("kv_transfer_params", {}).get("snapkv")
+
+
+def test_both_api_processes_stream_the_summary(server: VllmServer) -> None:
+    """Streamed responses carry the summary whichever API process serves them (each one wraps
+    vLLM's stream generators itself). The process that served a request is the one whose
+    ``vllm:request_success_total`` grew; at most 12 requests until both have served one."""
+    served: set[str] = set()
+    for i in range(12):
+        before = _counter_per_process(server, "vllm:request_success_total")
+        path, body = (_completion if i % 2 else _chat)(FILLER * 70 + "Stream it.")
+        summary = _stream_summary(server, path, body)
+        assert summary is not None and summary["compressed"], summary
+        deadline = time.monotonic() + 10
+        while True:  # the serving process counts the request as it finishes it
+            after = _counter_per_process(server, "vllm:request_success_total")
+            if sum(after.values()) > sum(before.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        served |= {pid for pid, v in after.items() if v > before.get(pid, 0.0)}
+        if len(served) == 2:
+            break
+    assert len(served) == 2, served

@@ -62,7 +62,7 @@ def test_serve_help_has_snapkv_group() -> None:
     proc = subprocess.run([str(VLLM_BIN), "serve", "--help=snapkv"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "--kv-compression {none,snapkv}" in proc.stdout
+    assert "--kv-compression {none,snapkv,recency}" in proc.stdout
 
 
 def test_bad_flag_value_is_refused_at_startup() -> None:

@@ -53,6 +53,22 @@ def test_request_opt_out_and_overrides() -> None:
     assert cfg.target_kept(8192, {"unrelated_plugin_key": 1}) == 1024
 
 
+def test_request_chooses_the_method() -> None:
+    cfg = _cfg(budget=512, window=16)
+    snap = cfg.request_settings({"kv_compression": "snapkv"})
+    rec = cfg.request_settings({"kv_compression": "recency", "snapkv_budget": 256})
+    assert snap is not None and snap.scorer == "snapkv" and snap.sink == 0
+    assert rec is not None and (rec.scorer, rec.budget, rec.window) == ("recency", 256, 16)
+    assert rec.sink == 4  # StreamingLLM's sinks when none are configured
+    # A recency server: same settings, recency scorer; a request may ask for SnapKV instead.
+    server = CompressionConfig.from_additional_config(
+        {"kv_compression": "recency", "snapkv": {"budget": 512, "sink": 2}})
+    assert server.enabled and server.request_settings(None).scorer == "recency"
+    assert server.request_settings(None).sink == 2
+    assert server.request_settings({"kv_compression": "snapkv"}).scorer == "snapkv"
+    assert CompressionConfig.from_additional_config(server.to_additional_config()) == server
+
+
 @pytest.mark.parametrize("extra,setting,fragment", [
     ({"snapkv_budget": 8}, "snapkv_budget", "> window (32)"),
     ({"snapkv_budget": "lots"}, "snapkv_budget", "integer"),
@@ -75,6 +91,7 @@ def test_bad_request_settings_name_the_field(extra, setting, fragment) -> None:
     ({"kv_compression": "snapkv", "snapkv": {"budget": 16}}, "budget"),
     ({"kv_compression": "snapkv", "snapkv": {"min_prompt": -1}}, "min_prompt"),
     ({"kv_compression": "snapkv", "snapkv": {"kernal": 5}}, "kernal"),
+    ({"kv_compression": "snapkv", "snapkv": {"scorer": "recency"}}, "scorer"),
 ])
 def test_bad_engine_settings_are_refused(additional, setting) -> None:
     with pytest.raises(SettingsError) as err:

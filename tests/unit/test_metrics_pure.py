@@ -1,6 +1,7 @@
 """Pure parts of vllm_snapkv.metrics: per-request summary, stats payload aggregation, the
 scheduler-side recorder, the --kv-transfer-config composition, the Prometheus series (on a private
-registry), and the dashboard/scrape files in deploy/."""
+registry), the selection timer's hook in the backends' core, and the dashboard/scrape files in
+deploy/."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from vllm_snapkv import metrics
@@ -72,11 +74,14 @@ def test_recorder_counts_each_request_once_and_tracks_the_gauge() -> None:
     assert not rec.was_compacted("a")
 
 
+PROBE = {"kv_connector": "ProbeConnector", "kv_connector_module_path": "probe_connector",
+         "kv_role": "kv_both"}
+
+
 def test_composition_of_kv_transfer_config() -> None:
     alone = metrics.composed_kv_transfer_config(None)
     assert alone["kv_connector"] == "SnapKVConnector" and alone["kv_role"] == "kv_both"
-    user = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": "/tmp/x"}}
+    user = {**PROBE, "kv_connector_extra_config": {"log_dir": "/tmp/x"}}
     multi = metrics.composed_kv_transfer_config(user)
     assert multi["kv_connector"] == "MultiConnector"
     children = multi["kv_connector_extra_config"]["connectors"]
@@ -87,7 +92,7 @@ def test_composition_of_kv_transfer_config() -> None:
         metrics.composed_kv_transfer_config({"kv_role": "kv_both"})
 
 
-def test_wire_refuses_kv_offloading_and_builds_a_valid_config() -> None:
+def test_wire_composes_your_own_connector() -> None:
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
@@ -95,15 +100,71 @@ def test_wire_refuses_kv_offloading_and_builds_a_valid_config() -> None:
     metrics.wire(args)
     assert isinstance(args.kv_transfer_config, KVTransferConfig)
     assert args.kv_transfer_config.has_connector("SnapKVConnector")
-    args = EngineArgs(model="x", kv_transfer_config=KVTransferConfig(
-        kv_connector="ExampleConnector", kv_role="kv_both"))
+    args = EngineArgs(model="x", kv_transfer_config=KVTransferConfig(**PROBE))
     metrics.wire(args)
     assert args.kv_transfer_config.kv_connector == "MultiConnector"
-    assert args.kv_transfer_config.has_connector("ExampleConnector")
+    assert args.kv_transfer_config.has_connector("ProbeConnector")
     assert args.kv_transfer_config.has_connector("SnapKVConnector")
-    args = EngineArgs(model="x", kv_offloading_size=4.0)
-    with pytest.raises(ValueError, match="kv-offloading-size"):
+
+
+@pytest.mark.parametrize("user", [
+    {"kv_connector": "ExampleConnector", "kv_role": "kv_both"},
+    {"kv_connector": "OffloadingConnector", "kv_role": "kv_both"},
+    {"kv_connector": "NixlConnector", "kv_role": "kv_consumer"},
+    {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both",
+     "kv_connector_module_path": "lmcache.integration.vllm.lmcache_connector_v1"},
+    {"kv_connector": "MultiConnector", "kv_role": "kv_both", "kv_connector_extra_config": {
+        "connectors": [PROBE, {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}]}},
+], ids=["example", "offloading", "nixl-consumer", "lmcache-own-module", "multi"])
+def test_vllm_connectors_that_move_prompt_kv_are_refused(user: dict) -> None:
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model="x", kv_transfer_config=KVTransferConfig(**user))
+    with pytest.raises(ValueError, match=r"^--kv-transfer-config with \w+ cannot be combined "
+                                         r"with --kv-compression snapkv: "):
         metrics.wire(args)
+
+
+def test_kv_offloading_is_refused() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match="^--kv-offloading-size cannot be combined"):
+        metrics.wire(EngineArgs(model="x", kv_offloading_size=4.0))
+
+
+def test_selection_timer_observes_compact_row() -> None:
+    """The worker-side timer gets one (request, seconds) per layer from ``compact_row``."""
+    from vllm_snapkv.backends import core
+    from vllm_snapkv.settings import SnapKVSettings
+
+    timer = metrics.SelectionTimer.install()
+    assert metrics.SelectionTimer.install() is timer
+    timer.take()
+    n, hq, hkv, d = 300, 4, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(hkv, n, d, generator=gen), torch.randn(hkv, n, d, generator=gen)
+
+    class DenseAccessor:  # one request's K/V as plain [H, N, D] tensors
+        def read_kv(self, kv_cache, block_ids, positions):
+            idx = positions if positions.dim() == 2 else positions.expand(hkv, -1)
+            return (torch.stack([keys[h, idx[h]] for h in range(hkv)]),
+                    torch.stack([values[h, idx[h]] for h in range(hkv)]))
+
+        def compact(self, kv_cache, block_ids, kept, dest_start):
+            def write(pos, k, v):
+                keys[:, pos], values[:, pos] = k, v
+            return core.compact_by_read_write(lambda pos: self.read_kv(None, None, pos), write,
+                                              kept, dest_start)
+
+    p = plan(n, 128, 64)
+    task = core.CompletionTask(0, "timed", 0, n, 0, p, SnapKVSettings(budget=128, window=8))
+    for layer in ("layer0", "layer1"):
+        core.compact_row(task, torch.randn(n, hq, d, generator=gen), torch.empty(0),
+                         torch.empty(0), DenseAccessor(), layer)
+    times = timer.take().data["selection_s"]
+    assert list(times) == ["timed"] and 0 < times["timed"] < 10
+    assert timer.take() is None
 
 
 def test_prom_metrics_observe() -> None:

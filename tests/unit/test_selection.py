@@ -586,3 +586,18 @@ def test_tiled_scoring_memory_is_bounded():
     assert largest <= hq * w * tile * 4, (largest, full_bytes)
     assert peak <= bound, (peak, bound)
     assert peak < full_bytes // 4, (peak, full_bytes)
+
+
+def test_recency_scorer_keeps_sinks_and_the_most_recent_tokens():
+    torch.manual_seed(0)
+    n, w = 300, 16
+    q, k = torch.randn(8, w, 64), torch.randn(2, n, 64)
+    settings = SnapKVSettings(budget=100, window=w, sink=4, scorer="recency")
+    kept = select_tokens_with_settings(q, k, settings)
+    expected = torch.cat([torch.arange(4), torch.arange(n - 96, n)])
+    assert torch.equal(kept, expected.expand(2, 100))
+    # The queries and keys play no part in it.
+    assert torch.equal(select_tokens_with_settings(-q, k * 3, settings), kept)
+    # Whereas SnapKV's vote, on the same inputs, keeps something else.
+    assert not torch.equal(select_tokens_with_settings(q, k, settings.replace(scorer="snapkv")),
+                           kept)

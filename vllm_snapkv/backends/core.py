@@ -27,6 +27,11 @@ A debug recorder (off by default; ``VLLM_SNAPKV_DEBUG=1`` or :func:`set_debug`) 
 compaction time, the original K/V of exactly the kept tokens, and in later steps compares each
 layer's attention output for the compacted request with dense attention over those kept tokens
 plus the generated ones (:func:`debug_check_row`).
+
+Selection time is reported to observers registered with :func:`add_selection_observer` (the
+metrics connector's worker side does, see :class:`vllm_snapkv.metrics.SelectionTimer`):
+:func:`compact_row` calls each with ``(request id, seconds)`` once per layer, so timing needs no
+wrapping of this module's functions.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +61,7 @@ __all__ = [
     "StashTask",
     "StepPlan",
     "WindowStash",
+    "add_selection_observer",
     "after_attention",
     "compact_by_read_write",
     "compact_row",
@@ -490,6 +498,18 @@ def set_debug(enabled: bool) -> None:
     _STATE.debug = DebugRecorder() if enabled else None
 
 
+#: ``observer(req_id, seconds)``: one layer's SnapKV selection (scoring + top-k) for a request.
+SelectionObserver = Callable[[str, float], None]
+_SELECTION_OBSERVERS: list[SelectionObserver] = []
+
+
+def add_selection_observer(observer: SelectionObserver) -> None:
+    """Have :func:`compact_row` report each layer's selection time to ``observer`` (this
+    process, once per observer). Observers run on the forward path: keep them cheap."""
+    if observer not in _SELECTION_OBSERVERS:
+        _SELECTION_OBSERVERS.append(observer)
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-layer work done by an adapter's impl after its normal attention
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +555,12 @@ def compact_row(task: CompletionTask, query: torch.Tensor, kv_cache: torch.Tenso
     positions = torch.arange(n, dtype=torch.int64, device=kv_cache.device)
     keys, values = accessor.read_kv(kv_cache, block_ids, positions)
     settings = task.settings.replace(budget=p.kept)
+    t0 = time.perf_counter()
     kept = select_tokens_with_settings(q_win, keys, settings)
+    if _SELECTION_OBSERVERS:
+        seconds = time.perf_counter() - t0
+        for observer in _SELECTION_OBSERVERS:
+            observer(task.req_id, seconds)
     if tuple(kept.shape) != (keys.shape[0], p.kept):
         raise RuntimeError(f"snapkv: selection returned {tuple(kept.shape)}, expected "
                            f"({keys.shape[0]}, {p.kept})")

