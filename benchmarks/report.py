@@ -120,8 +120,15 @@ def summary(results: dict) -> str:
               f"{m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, "
               f"torch {m['torch']}, vLLM {m['vllm']}. Sections: {', '.join(results['sections'])}.",
               "", "Settings: " + ", ".join(f"{k}={v}" for k, v in p.items()), ""]
-    lines += _blocks_md(results) + _capacity_md(results) + _throughput_md(results)
-    lines += _overhead_md(results) + _selection_md(results) + _accuracy_md(results)
+    caveats = results.get("caveats") or {}
+    for section, render in (("blocks", _blocks_md), ("capacity", _capacity_md),
+                            ("throughput", _throughput_md), ("overhead", _overhead_md),
+                            ("selection", _selection_md), ("accuracy", _accuracy_md)):
+        part = render(results)
+        if part and section in caveats:
+            # right under the section's heading
+            part = part[:2] + [f"> **Caveat:** {caveats[section]}", ""] + part[2:]
+        lines += part
     return "\n".join(lines) + "\n"
 
 

@@ -383,6 +383,11 @@ def bench_pressure(p: Profile, vanilla: VllmServer, snap: VllmServer, sections: 
 # ----------------------------------------------------------------------------------- main
 
 
+def save(results: dict, out: Path) -> None:
+    """Write what has been measured so far (after every section: a crash keeps the rest)."""
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
 def machine() -> dict:
     import torch
     from importlib.metadata import version
@@ -430,11 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     # Timing-sensitive sections first; the long accuracy runs (timings unused) last.
     if "selection" in sections:
         results["selection"] = bench_selection(p, out)
+        save(results, out)
     if sections & {"capacity", "throughput"}:
         tiny = models.ensure_model(models.TINY)
         with servers(out, [("tiny-vanilla", tiny, tiny_flags(p, "none")),
                            ("tiny-snapkv", tiny, tiny_flags(p, "snapkv"))]) as (van, snap):
             results["pressure"] = bench_pressure(p, van, snap, sections)
+            save(results, out)
     smol = models.ensure_model(models.SMOLLM2)
     from transformers import AutoTokenizer
 
@@ -445,15 +452,18 @@ def main(argv: list[str] | None = None) -> int:
                            ("smollm2-snapkv", smol, smol_flags(p, "snapkv"))]) as (van, snap):
             if "overhead" in sections:
                 results["overhead"] = bench_overhead(p, van, snap, tok)
+                save(results, out)
             if "blocks" in sections:
                 results["blocks"] = bench_blocks(p, van, snap)
+                save(results, out)
             if "accuracy" in sections:
                 results["accuracy"] = bench_accuracy(p, snap, cases)
+                save(results, out)
             results["server_selection"] = server_selection(client.metrics(snap))
     if "accuracy" in sections:
         results["kvpress"] = bench_kvpress(p, cases, out)
     results["wall_s"] = time.time() - started
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    save(results, out)
     report.write(results, out)
     log(f"done in {results['wall_s']:.0f}s: {out}/summary.md")
     return 0

@@ -28,6 +28,7 @@ imports at module level so the unit tests can exercise it directly.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -478,8 +479,37 @@ def wire(engine_args: Any) -> None:
     from vllm.config import KVTransferConfig
 
     check_kv_transfer(engine_args)
+    if engine_args.kv_transfer_config is None:
+        keep_cpu_core_reservation(engine_args)
     engine_args.kv_transfer_config = KVTransferConfig(
         **composed_kv_transfer_config(engine_args.kv_transfer_config))
+
+
+#: vLLM's CPU worker reserves cores for the engine's other processes from this variable.
+CPU_RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+
+
+def keep_cpu_core_reservation(engine_args: Any) -> None:
+    """On CPU, keep the compute cores vanilla vLLM would have, despite our connector.
+
+    vLLM's CPU backend reserves one extra core per rank whenever any KV connector is configured
+    ("for nixl_connector under p/d", ``utils/ompmultiprocessing.py``). The SnapKV connector moves
+    no KV, so that reservation would only take a compute core away from the worker (and on a
+    2-core machine the over-reservation is dropped altogether, giving it one core *more* than
+    vanilla). So, unless the user set the variable, pin it to vanilla's reservation: one core per
+    local rank on x86/ARM/RISC-V (vLLM's default), else one.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or CPU_RESERVED_ENV in os.environ:
+        return
+    from vllm.platforms.interface import CpuArchEnum
+
+    ranks = int(getattr(engine_args, "tensor_parallel_size", 1) or 1) * \
+        int(getattr(engine_args, "pipeline_parallel_size", 1) or 1)
+    per_rank = current_platform.get_cpu_architecture() in (
+        CpuArchEnum.X86, CpuArchEnum.ARM, CpuArchEnum.RISCV)
+    os.environ[CPU_RESERVED_ENV] = str(ranks if per_rank else 1)
 
 
 def find_connector(connector: Any) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import prometheus_client
@@ -92,10 +93,11 @@ def test_composition_of_kv_transfer_config() -> None:
         metrics.composed_kv_transfer_config({"kv_role": "kv_both"})
 
 
-def test_wire_composes_your_own_connector() -> None:
+def test_wire_composes_your_own_connector(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
+    monkeypatch.setenv(metrics.CPU_RESERVED_ENV, "1")
     args = EngineArgs(model="x")
     metrics.wire(args)
     assert isinstance(args.kv_transfer_config, KVTransferConfig)
@@ -105,6 +107,25 @@ def test_wire_composes_your_own_connector() -> None:
     assert args.kv_transfer_config.kv_connector == "MultiConnector"
     assert args.kv_transfer_config.has_connector("ProbeConnector")
     assert args.kv_transfer_config.has_connector("SnapKVConnector")
+
+
+def test_our_connector_keeps_vanillas_cpu_core_reservation(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """vLLM's CPU backend reserves an extra core whenever a KV connector is configured; ours moves
+    no KV, so wiring it pins the reservation to vanilla's (one core per local rank on x86), unless
+    the user chose one, or brought a connector of their own."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.delenv(metrics.CPU_RESERVED_ENV, raising=False)
+    metrics.wire(EngineArgs(model="x", tensor_parallel_size=2))
+    assert os.environ[metrics.CPU_RESERVED_ENV] == "2"
+    monkeypatch.setenv(metrics.CPU_RESERVED_ENV, "3")
+    metrics.wire(EngineArgs(model="x"))
+    assert os.environ[metrics.CPU_RESERVED_ENV] == "3"
+    monkeypatch.delenv(metrics.CPU_RESERVED_ENV)
+    metrics.wire(EngineArgs(model="x", kv_transfer_config=KVTransferConfig(**PROBE)))
+    assert metrics.CPU_RESERVED_ENV not in os.environ
 
 
 @pytest.mark.parametrize("user", [
