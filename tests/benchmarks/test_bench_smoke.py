@@ -66,5 +66,8 @@ def test_every_peer_answered_every_cell(smoke) -> None:
         assert {"full"} | {f"{m}@{b}" for m in ("snapkv", "recency") for b in budgets} <= cols
     kv = results["kvpress"]["kvpress"]["accuracy"]
     assert all(str(b) in kv[str(n)] for n in lengths for b in budgets)
+    # kvpress's one-prefill-for-every-budget was checked against one prefill per budget
+    checks = results["kvpress"]["kvpress"]["meta"]["equivalence_checks"]
+    assert {c["length"] for c in checks} == set(lengths) and all(c["identical"] for c in checks)
     agreement = results["kvpress"]["agreement"]["comparison"]
     assert agreement["sets"] > 0 and 0.0 <= agreement["fraction_identical"] <= 1.0
