@@ -281,7 +281,8 @@ def _accuracy_md(results: dict) -> list[str]:
         checks = kv.get("meta", {}).get("equivalence_checks", [])
         out += ["", "kvpress prompts per cell: " + ", ".join(
             f"{t} at N={n}" for n, t in sorted(totals.items(), key=lambda kv: int(kv[0])))
-            + " (the first of each cell)."
+            + ("." if all(t >= results["profile"]["per_cell"] for t in totals.values())
+               else " (the first of each cell).")
             + (f" One prefill per prompt served every budget; on {len(checks)} prompt(s) "
                "(the first of each length) one prefill per budget, the plain kvpress way, gave "
                "identical kept positions and answers." if checks else "")]
