@@ -97,6 +97,23 @@ def metrics(server: VllmServer) -> dict[str, float]:
     return out
 
 
+def sample_values(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """``names``' values in a Prometheus text exposition, summed over labels.
+
+    A line scan, not a full parse: the :class:`Watcher` polls every few milliseconds from the
+    benchmark's own process, and a full parse of vLLM's ~100 KB exposition holds the GIL long
+    enough to starve the thread that reads the streamed tokens.
+    """
+    out = {n: 0.0 for n in names}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def num_kv_blocks(server: VllmServer) -> int:
     """Blocks in the server's KV pool (from vLLM's ``cache_config_info`` labels)."""
     for family in metric_families(server):
@@ -118,10 +135,11 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            m = metrics(self.server)
-            self.samples.append((time.perf_counter(), {n: m.get(n, 0.0) for n in self.names}))
+            text = requests.get(f"{self.server.url}/metrics", timeout=30).text
+            m = sample_values(text, self.names)
+            self.samples.append((time.perf_counter(), m))
             for n in self.names:
-                self.peak[n] = max(self.peak[n], m.get(n, 0.0))
+                self.peak[n] = max(self.peak[n], m[n])
             self._stop.wait(self.period_s)
 
     def wait_for_sample(self, timeout_s: float = 60.0) -> None:

@@ -134,6 +134,7 @@ def _blocks_md(results: dict) -> list[str]:
            "Target: equal to the placement arithmetic ceil((N − E)/bs) (+1 decode block here). "
            f"Met in {sum(r['matches_arithmetic'] for r in rows)}/{len(rows)} cases: "
            f"{_verdict(all(r['matches_arithmetic'] for r in rows))}.", "",
+           *_readings_md(rows),
            "| prompt N | budget | E (evicted) | vanilla blocks | SnapKV blocks | arithmetic | "
            "N/(N−E) | vanilla/SnapKV |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -141,6 +142,19 @@ def _blocks_md(results: dict) -> list[str]:
                    f"{r['snapkv_blocks']} | {r['expected_blocks']} | "
                    f"{r['prompt'] / (r['prompt'] - r['evicted']):.1f} | {_fmt(r['reduction'])} |")
     return out + [""]
+
+
+def _readings_md(rows: list[dict]) -> list[str]:
+    """How the block counts were read (runs that recorded every reading)."""
+    if "snapkv_readings" not in rows[0]:
+        return []
+    readings = [r[k] for r in rows for k in ("vanilla_readings", "snapkv_readings")]
+    agreed = sum(len(set(x)) == 1 for x in readings)
+    return ["Blocks in use = vLLM's `vllm:kv_cache_usage_perc` × pool size, from `/metrics` "
+            "scrapes that show the request decoding (1 running, 4 to bs − 1 tokens generated, "
+            "all read from the same scrape); the table shows the most common reading. "
+            f"All readings of a request agreed for {agreed}/{len(readings)} requests "
+            f"({sum(sum(x.values()) for x in readings)} readings).", ""]
 
 
 def _capacity_md(results: dict) -> list[str]:

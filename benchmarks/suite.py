@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -187,26 +188,38 @@ def bench_overhead(p: Profile, vanilla: VllmServer, snap: VllmServer, tok: Any) 
 
 
 def held_blocks(server: VllmServer, ids: list[int], xargs: dict | None, pool: int,
-                decode_tokens: int, attempts: int = 5) -> int:
-    """Blocks in use while one request decodes, after its prefill (server otherwise idle).
+                decode_tokens: int, attempts: int = 5) -> list[int]:
+    """Blocks in use while one request decodes, after its prefill (server otherwise idle): one
+    reading per ``/metrics`` scrape that fell inside the decode.
 
-    ``/metrics`` lags the engine by a step or so, so early decode samples can still show the
-    prefill's blocks: the median of the samples taken over the rest of the decode is used. A
-    fast machine can finish the decode between two polls; then the request is sent again (same
-    prompt, same blocks), up to ``attempts`` times.
+    Which ``/metrics`` scrapes show the decode is read from the server's own state, not from
+    client-side clocks: vLLM updates the KV-usage and running-requests gauges and the
+    generation-token counter together, from the same engine step. A scrape counts when it shows
+    this request running with at least 4 and at most ``decode_tokens - 1`` tokens generated: well
+    past the prefill step and the step that frees the evicted blocks (one token of slack for a
+    counter that lags the previous request's last output), before the finish. With
+    ``decode_tokens`` one block's worth, every such scrape should show the same count. A fast machine can finish the decode between two scrapes; then the request is
+    sent again (same prompt, same blocks), up to ``attempts`` times.
     """
-    name = "vllm:kv_cache_usage_perc"
+    usage, running, generated = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running",
+                                 "vllm:generation_tokens_total")
     for _ in range(attempts):
-        with client.Watcher(server, (name,), period_s=0.005) as w:
+        with client.Watcher(server, (usage, running, generated), period_s=0.002) as w:
             w.wait_for_sample()
-            done = client.complete(server, ids, decode_tokens, xargs=xargs, stream=True,
-                                   ignore_eos=True)
-        times = done.token_times
-        seen = w.between(name, times[len(times) // 4], times[-2])
+            before = w.samples[-1][1][generated]
+            client.complete(server, ids, decode_tokens, xargs=xargs, stream=True,
+                            ignore_eos=True)
+        seen = [round(v[usage] * pool) for _, v in w.samples
+                if v[running] == 1 and 4 <= v[generated] - before <= decode_tokens - 1]
         if seen:
-            return round(statistics.median(seen) * pool)
-    raise RuntimeError(f"{server.name}: no /metrics sample during {attempts} decodes of "
+            return seen
+    raise RuntimeError(f"{server.name}: no /metrics scrape during {attempts} decodes of "
                        f"{decode_tokens} tokens")
+
+
+def tally(readings: list[int]) -> dict[str, int]:
+    """``{reading: how many times}`` (JSON keys)."""
+    return {str(k): v for k, v in sorted(Counter(readings).items())}
 
 
 def bench_blocks(p: Profile, vanilla: VllmServer, snap: VllmServer) -> dict:
@@ -216,14 +229,17 @@ def bench_blocks(p: Profile, vanilla: VllmServer, snap: VllmServer) -> dict:
     rows = []
     for n in p.lengths:
         ids = random_prompts(1, n, seed=n)[0]
-        base = held_blocks(vanilla, ids, None, pool, decode_tokens)
+        base_seen = held_blocks(vanilla, ids, None, pool, decode_tokens)
+        base = statistics.mode(base_seen)
         for b in p.budgets:
             place = plan(n, b, bs)
-            got = held_blocks(snap, random_prompts(1, n, seed=n + b)[0], {"snapkv_budget": b},
-                              pool, decode_tokens)
+            seen = held_blocks(snap, random_prompts(1, n, seed=n + b)[0], {"snapkv_budget": b},
+                               pool, decode_tokens)
+            got = statistics.mode(seen)
             want = math.ceil((n - place.evicted) / bs) + 1
             rows.append({"prompt": n, "budget": b, "block_size": bs, "evicted": place.evicted,
                          "vanilla_blocks": base, "snapkv_blocks": got, "expected_blocks": want,
+                         "vanilla_readings": tally(base_seen), "snapkv_readings": tally(seen),
                          "matches_arithmetic": got == want,
                          "reduction": base / got if got else None})
             log(f"blocks N={n} b={b}: vanilla {base}, snapkv {got} (arithmetic {want})")
