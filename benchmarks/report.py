@@ -195,7 +195,29 @@ def _throughput_md(results: dict) -> list[str]:
                    f"{t['preemptions']} | {t['wall_s']:.1f} |")
     if "8x" in thr:
         out += ["", "8× target: " + _verdict(thr["8x"]["output_tokens_per_s"] >= 3 * base)]
-    return out + [""]
+    return out + [""] + _split_md(results)
+
+
+def _split_md(results: dict) -> list[str]:
+    """Prefill floor vs decode phase (runs that measured the floor)."""
+    split = results.get("pressure", {}).get("throughput_split")
+    if not split:
+        return []
+    bound = split["bound_if_decode_were_free"]
+    rows = {k: v for k, v in split.items() if isinstance(v, dict)}
+    out = ["### Where the time goes: prefill floor and decode phase", "",
+           "Each configuration also ran the same load with 1 output token (fresh prompts of the "
+           "same length): the prefill floor, which compression cannot shrink because every prompt "
+           "is still prefilled in full. Wall time minus floor is the decode phase, the part "
+           "compression acts on (an approximation: vLLM mixes prefill and decode in one step).", "",
+           "| config | prefill floor s | share of wall | decode phase s | decode phase × vanilla |",
+           "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        out.append(f"| {name} | {r['prefill_floor_s']:.1f} | {r['floor_share']:.0%} | "
+                   f"{r['decode_phase_s']:.1f} | {_fmt(r['decode_phase_speedup'])} |")
+    return out + ["", f"Vanilla's floor is {rows['vanilla']['floor_share']:.0%} of its wall time, "
+                  f"so on this load no configuration can exceed {bound:.2f}× vanilla's throughput "
+                  "even if decoding cost nothing.", ""]
 
 
 def _overhead_md(results: dict) -> list[str]:

@@ -337,9 +337,13 @@ def trial(server: VllmServer, prompts: list[list[int]], tokens: int, xargs: dict
             [(ids,) for ids in prompts], len(prompts))
     wall = time.perf_counter() - started
     after = client.metrics(server)
+
+    def delta(name: str) -> int:
+        return int(after.get(name, 0) - before.get(name, 0))
+
     return {"requests": len(prompts), "peak_running": int(w.peak["vllm:num_requests_running"]),
-            "preemptions": int(after.get("vllm:num_preemptions_total", 0)
-                               - before.get("vllm:num_preemptions_total", 0)),
+            "preemptions": delta("vllm:num_preemptions_total"),
+            "prefix_cache_hit_tokens": delta("vllm:prefix_cache_hits_total"),
             "wall_s": wall, "output_tokens": sum(c.completion_tokens for c in done),
             "output_tokens_per_s": sum(c.completion_tokens for c in done) / wall}
 
@@ -396,10 +400,38 @@ def bench_pressure(p: Profile, vanilla: VllmServer, snap: VllmServer, sections: 
                            for i, (name, server, xargs, kept) in enumerate(configs)}
     if "throughput" in sections:
         prompts = random_prompts(p.pressure_requests, n, seed=5)
+        # Same shapes, other token ids (no prefix-cache hits on the run just before).
+        floor_prompts = random_prompts(p.pressure_requests, n, seed=6)
         out["throughput"] = {}
         for name, server, xargs, _ in configs:
-            out["throughput"][name] = trial(server, prompts, p.pressure_tokens, xargs)
-            log(f"throughput {name}: {out['throughput'][name]['output_tokens_per_s']:.1f} tok/s")
+            t = trial(server, prompts, p.pressure_tokens, xargs)
+            t["prefill_only"] = trial(server, floor_prompts, 1, xargs)
+            out["throughput"][name] = t
+            log(f"throughput {name}: {t['output_tokens_per_s']:.1f} tok/s; the same load with "
+                f"1 output token: {t['prefill_only']['wall_s']:.1f}s of {t['wall_s']:.1f}s")
+        out["throughput_split"] = throughput_split(out["throughput"])
+    return out
+
+
+def throughput_split(thr: dict[str, dict]) -> dict[str, dict]:
+    """Split each throughput run's wall time into its prefill floor and the rest.
+
+    The floor is the same requests with one output token (prefill plus one sampling step):
+    compression cannot shrink it, since every prompt is still prefilled in full. What remains
+    (wall − floor) is the decode phase that compression can speed up. So vanilla's wall / its own
+    floor bounds any configuration's speed-up on this load (Amdahl), and the decode-phase ratio
+    says how much compression sped up the part it can act on.
+    """
+    van = thr["vanilla"]
+    van_rest = van["wall_s"] - van["prefill_only"]["wall_s"]
+    out = {}
+    for name, t in thr.items():
+        floor = t["prefill_only"]["wall_s"]
+        rest = t["wall_s"] - floor
+        out[name] = {"prefill_floor_s": floor, "decode_phase_s": rest,
+                     "floor_share": floor / t["wall_s"],
+                     "decode_phase_speedup": van_rest / rest if rest > 0 else None}
+    out["bound_if_decode_were_free"] = van["wall_s"] / van["prefill_only"]["wall_s"]
     return out
 
 

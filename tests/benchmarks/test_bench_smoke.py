@@ -51,6 +51,13 @@ def test_pressure_sections_measured_every_config(smoke) -> None:
     assert set(pressure["capacity"]) == set(pressure["throughput"]) == {"vanilla", "2x", "4x", "8x"}
     for t in pressure["throughput"].values():
         assert t["output_tokens"] == t["requests"] * pressure["output_tokens"]
+        floor = t["prefill_only"]  # the same load, one output token each: the prefill floor
+        assert floor["output_tokens"] == floor["requests"] == t["requests"]
+        assert floor["prefix_cache_hit_tokens"] == t["prefix_cache_hit_tokens"] == 0
+    split = pressure["throughput_split"]
+    assert split["vanilla"]["decode_phase_speedup"] == 1.0
+    assert split["bound_if_decode_were_free"] == (
+        pressure["throughput"]["vanilla"]["wall_s"] / split["vanilla"]["prefill_floor_s"])
     cap = {k: v["capacity"] for k, v in pressure["capacity"].items()}
     # An eighth of the blocks per request lets more requests in. (Only the extremes are compared:
     # a capacity trial needs all K requests alive at once, which a loaded machine can miss.)
