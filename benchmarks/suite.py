@@ -399,13 +399,17 @@ def bench_pressure(p: Profile, vanilla: VllmServer, snap: VllmServer, sections: 
         out["capacity"] = {name: capacity(server, p, xargs, kept, seed=1000 * i)
                            for i, (name, server, xargs, kept) in enumerate(configs)}
     if "throughput" in sections:
-        prompts = random_prompts(p.pressure_requests, n, seed=5)
-        # Same shapes, other token ids (no prefix-cache hits on the run just before).
-        floor_prompts = random_prompts(p.pressure_requests, n, seed=6)
         out["throughput"] = {}
-        for name, server, xargs, _ in configs:
-            t = trial(server, prompts, p.pressure_tokens, xargs)
-            t["prefill_only"] = trial(server, floor_prompts, 1, xargs)
+        for i, (name, server, xargs, _) in enumerate(configs):
+            # Every run its own random prompts of the same length (the same cost on the tiny
+            # model), seeded apart from the capacity trials' (1000 * config + K): a run after
+            # another on the same server must not hit the blocks the earlier run freed in the
+            # prefix cache. (``prefix_cache_hit_tokens`` shows it did not.)
+            seed = 500_000 + 2 * i
+            t = trial(server, random_prompts(p.pressure_requests, n, seed), p.pressure_tokens,
+                      xargs)
+            t["prefill_only"] = trial(server, random_prompts(p.pressure_requests, n, seed + 1),
+                                      1, xargs)
             out["throughput"][name] = t
             log(f"throughput {name}: {t['output_tokens_per_s']:.1f} tok/s; the same load with "
                 f"1 output token: {t['prefill_only']['wall_s']:.1f}s of {t['wall_s']:.1f}s")
