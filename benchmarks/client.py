@@ -151,10 +151,6 @@ class Watcher:
                 raise TimeoutError(f"{self.server.name}: no /metrics answer in {timeout_s:.0f}s")
             time.sleep(0.005)
 
-    def between(self, name: str, start: float, end: float) -> list[float]:
-        """Values of ``name`` sampled in ``[start, end]``."""
-        return [v[name] for t, v in self.samples if start <= t <= end]
-
     def __enter__(self) -> Watcher:
         self._thread.start()
         return self

@@ -198,8 +198,9 @@ def held_blocks(server: VllmServer, ids: list[int], xargs: dict | None, pool: in
     this request running with at least 4 and at most ``decode_tokens - 1`` tokens generated: well
     past the prefill step and the step that frees the evicted blocks (one token of slack for a
     counter that lags the previous request's last output), before the finish. With
-    ``decode_tokens`` one block's worth, every such scrape should show the same count. A fast machine can finish the decode between two scrapes; then the request is
-    sent again (same prompt, same blocks), up to ``attempts`` times.
+    ``decode_tokens`` one block's worth, every such scrape should show the same count. A fast
+    machine can finish the decode between two scrapes; then the request is sent again (same
+    prompt, same blocks), up to ``attempts`` times.
     """
     usage, running, generated = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running",
                                  "vllm:generation_tokens_total")
