@@ -82,10 +82,14 @@ def complete(server: VllmServer, prompt_ids: list[int], max_tokens: int, *,
                       times[0] if times else None, end, times, snapkv)
 
 
+def metrics_text(server: VllmServer) -> str:
+    """The server's ``/metrics`` exposition (Prometheus text format)."""
+    return requests.get(f"{server.url}/metrics", timeout=30).text
+
+
 def metric_families(server: VllmServer) -> list:
-    """The server's ``/metrics``, parsed (Prometheus text format)."""
-    return list(text_string_to_metric_families(
-        requests.get(f"{server.url}/metrics", timeout=30).text))
+    """The server's ``/metrics``, parsed."""
+    return list(text_string_to_metric_families(metrics_text(server)))
 
 
 def metrics(server: VllmServer) -> dict[str, float]:
@@ -123,21 +127,20 @@ def num_kv_blocks(server: VllmServer) -> int:
 
 
 class Watcher:
-    """Polls ``/metrics`` in a thread while a workload runs; keeps each series' peak and the
-    timestamped samples (``time.perf_counter()`` clock, like :class:`Completion`)."""
+    """Polls ``/metrics`` in a thread while a workload runs; keeps each series' peak and every
+    sample (``{name: value}`` per scrape, in order)."""
 
     def __init__(self, server: VllmServer, names: tuple[str, ...], period_s: float = 0.1) -> None:
         self.server, self.names, self.period_s = server, names, period_s
         self.peak = {n: 0.0 for n in names}
-        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.samples: list[dict[str, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            text = requests.get(f"{self.server.url}/metrics", timeout=30).text
-            m = sample_values(text, self.names)
-            self.samples.append((time.perf_counter(), m))
+            m = sample_values(metrics_text(self.server), self.names)
+            self.samples.append(m)
             for n in self.names:
                 self.peak[n] = max(self.peak[n], m[n])
             self._stop.wait(self.period_s)

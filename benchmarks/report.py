@@ -120,7 +120,8 @@ def summary(results: dict) -> str:
     lines += [f"Run {results['started']}, {results['wall_s'] / 60:.0f} min wall. Machine: "
               f"{m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, "
               f"torch {m['torch']}, vLLM {vllm}. Sections: {', '.join(results['sections'])}.",
-              "", "Settings: " + ", ".join(f"{k}={v}" for k, v in p.items()), ""]
+              "", "Settings: " + ", ".join(  # tuples as lists, as a redraw from JSON reads
+                  f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in p.items()), ""]
     lines += _blocks_md(results) + _capacity_md(results) + _throughput_md(results)
     lines += _overhead_md(results) + _selection_md(results) + _accuracy_md(results)
     return "\n".join(lines) + "\n"
@@ -149,7 +150,7 @@ def _readings_md(rows: list[dict]) -> list[str]:
     if "snapkv_readings" not in rows[0]:
         return []
     readings = [r[k] for r in rows for k in ("vanilla_readings", "snapkv_readings")]
-    agreed = sum(len(set(x)) == 1 for x in readings)
+    agreed = sum(len(x) == 1 for x in readings)  # one distinct reading in the tally
     return ["Blocks in use = vLLM's `vllm:kv_cache_usage_perc` × pool size, from `/metrics` "
             "scrapes that show the request decoding (1 running, 4 to bs − 1 tokens generated, "
             "all read from the same scrape); the table shows the most common reading. "

@@ -207,10 +207,10 @@ def held_blocks(server: VllmServer, ids: list[int], xargs: dict | None, pool: in
     for _ in range(attempts):
         with client.Watcher(server, (usage, running, generated), period_s=0.002) as w:
             w.wait_for_sample()
-            before = w.samples[-1][1][generated]
+            before = w.samples[-1][generated]
             client.complete(server, ids, decode_tokens, xargs=xargs, stream=True,
                             ignore_eos=True)
-        seen = [round(v[usage] * pool) for _, v in w.samples
+        seen = [round(v[usage] * pool) for v in w.samples
                 if v[running] == 1 and 4 <= v[generated] - before <= decode_tokens - 1]
         if seen:
             return seen
