@@ -48,6 +48,22 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         server.stop()
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say which CPU attention kernels (ISAs) this machine's vLLM selects, per dtype, so a log
+    tells what a green run covered (the paged-cache layout differs between them)."""
+    try:
+        import torch
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except Exception as exc:  # no vLLM: the unit tests of the pure parts still run
+        return [f"vllm-snapkv: CPU attention kernels unknown ({exc})"]
+    amx = bool(torch.cpu._is_amx_tile_supported())
+    picks = ", ".join(
+        f"{str(dt).removeprefix('torch.')}->{_get_attn_isa(dt, 128, 64, 'auto')}"
+        for dt in (torch.float32, torch.bfloat16))
+    return [f"vllm-snapkv: CPU attention kernels selected here (block 128, head 64): {picks}; "
+            f"AMX tiles: {'yes' if amx else 'no'}; engine tests run float32 and bfloat16"]
+
+
 PRESET = REPO / "configs" / "smollm2-cpu-snapkv.yaml"
 
 

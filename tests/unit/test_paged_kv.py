@@ -132,16 +132,63 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # The probe
 
 
+def _expected_offsets(isa: str, dtype: torch.dtype, head_size: int,
+                      block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Element offsets of (token t, dim d) inside one (block, head) region, written down from
+    the kernels' ``reshape_and_cache`` sources (``csrc/cpu/cpu_attn_vec.hpp``, ``_vec16.hpp``,
+    ``_amx.hpp``), independently of the probe. ``None`` for ISAs whose packing is not written
+    down here (NEON, VSX, ...): those get only the probe's own invariants."""
+    bs, d = block_size, head_size
+    t = torch.arange(bs, dtype=torch.int64)[:, None]
+    dd = torch.arange(d, dtype=torch.int64)[None, :]
+    if isa in ("vec", "vec16"):
+        # "reshape K as column-major and V as row-major": K [D, bs], then V [bs, D].
+        return t + dd * bs, bs * d + t * d + dd
+    if isa == "amx":
+        # K: one 32-bit word (2 bf16 / 1 fp32 elements) per (token, word) pair; tokens in groups
+        # of 16, each group a [words, 16] tile.  V: after K; blocks of 16 head dims, each a
+        # [bs / pack, 16, pack] tile (VNNI: `pack` consecutive tokens interleaved).
+        pack = 4 // torch.tensor([], dtype=dtype).element_size()
+        words = d // pack
+        word = (t // 16) * (16 * words) + t % 16 + (dd // pack) * 16
+        k = word * pack + dd % pack
+        v = bs * d + (dd // 16) * (bs * 16) + (t // pack) * (pack * 16) + (dd % 16) * pack \
+            + t % pack
+        return k, v
+    return None
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
-def test_probe_finds_known_x86_layout(cfg) -> None:
-    """On x86 vec/vec16 the kernel source says K column-major [D, bs], V row-major [bs, D]; the
-    probe must rediscover that (a changed kernel shows up here first, the accessor adapts)."""
+def test_probe_finds_known_layout(cfg) -> None:
+    """Whatever ISA vLLM picks on this machine, the probe must rediscover the layout its kernel
+    source describes (a changed kernel shows up here first; the accessor adapts)."""
     layout, isa = _layout(*cfg)
     dt, d, bs, _ = cfg
-    assert isa in ("vec", "vec16")
-    assert layout.k_affine == (0, 1, bs), layout.describe()
-    assert layout.v_affine == (bs * d, d, 1), layout.describe()
-    assert "column-major [D, bs]" in layout.describe() and "row-major [bs, D]" in layout.describe()
+    expected = _expected_offsets(isa, dt, d, bs)
+    if expected is None:
+        # An ISA without a written-down layout: the probe's bijection checks already ran;
+        # K and V must still fill the region exactly once between them.
+        both = torch.cat([layout.k_offsets.flatten(), layout.v_offsets.flatten()])
+        assert torch.equal(both.sort().values, torch.arange(layout.region_size))
+        return
+    assert torch.equal(layout.k_offsets, expected[0]), layout.describe()
+    assert torch.equal(layout.v_offsets, expected[1]), layout.describe()
+    if isa in ("vec", "vec16"):
+        assert layout.k_affine == (0, 1, bs) and layout.v_affine == (bs * d, d, 1)
+        assert "column-major [D, bs]" in layout.describe()
+    elif isa == "amx":
+        assert layout.k_affine is None and layout.v_affine is None  # generic path
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,bs", [(64, 32), (128, 128)])
+def test_probe_finds_known_amx_layout(dt: torch.dtype, d: int, bs: int) -> None:
+    """The AMX packing, on every machine: its write op runs without AMX tiles, so the probe of
+    the ``amx`` ISA is checked against the kernel source's formula even where vLLM picks
+    ``vec`` (machines without AMX) — and the AMX machines run it through the test above."""
+    layout = _amx_layout(dt, d, bs, require_generic=False)
+    k, v = _expected_offsets("amx", dt, d, bs)
+    assert torch.equal(layout.k_offsets, k) and torch.equal(layout.v_offsets, v)
 
 
 def test_probe_is_cached_and_layout_for_cache() -> None:
@@ -306,12 +353,12 @@ def test_compact_identity_moves_nothing() -> None:
 # The generic (non-affine) path, exercised with the AMX packing's write op
 
 
-def _amx_layout(dt: torch.dtype, d: int, bs: int) -> TokenLayout:
+def _amx_layout(dt: torch.dtype, d: int, bs: int, require_generic: bool = True) -> TokenLayout:
     try:
         layout = probe_cpu_layout(d, bs, dt, "amx")
-    except Exception as exc:  # the op refuses "amx" in builds without it
-        pytest.skip(f"amx write op not usable here: {exc}")
-    if layout.k_affine is not None and layout.v_affine is not None:
+    except Exception as exc:  # a vLLM build compiled without the AMX kernel refuses "amx"
+        pytest.skip(f"this vLLM build has no amx write op: {exc}")
+    if require_generic and layout.k_affine is not None and layout.v_affine is not None:
         pytest.skip("amx packing is affine in this build; generic path not exercised")
     return layout
 

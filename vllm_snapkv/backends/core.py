@@ -458,6 +458,8 @@ class WorkerCompressionState:
         # req_id -> {"prompt_len", "evicted", "kept", "layers", "moved"}
         self.compactions: dict[str, dict] = {}
         self.num_compactions = 0  # (request, layer) compactions since start
+        # layer -> the cache layout the accessor uses (ISA, dtype, K/V packing), once known
+        self.layouts: dict[str, str] = {}
 
     def report(self) -> dict:
         return {
@@ -465,6 +467,7 @@ class WorkerCompressionState:
                             for k, v in self.compactions.items()},
             "num_compactions": self.num_compactions,
             "stash_entries": len(self.stash),
+            "layouts": dict(self.layouts),
             "debug": self.debug.summary() if self.debug is not None else None,
         }
 

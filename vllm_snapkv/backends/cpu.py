@@ -88,6 +88,8 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
         acc = self._accessor
         if acc is None or acc.layout.dtype != kv_cache.dtype:
             acc = self._accessor = CPUCacheAccessor(kv_cache, layer.isa)
+            # Which kernel layout this worker reads and writes (the report shows it).
+            core.state().layouts[layer.layer_name] = acc.layout.describe()
         return acc
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
