@@ -16,10 +16,11 @@ unit: setup
 	.venv/bin/python -m pytest tests/unit
 
 # The benchmark suite against vanilla vLLM, the recency baseline and kvpress (its own venv, made on
-# first use). Results: results/bench-<time>/{results.json,summary.md,*.png}. BENCH_ARGS passes
-# options, e.g. BENCH_ARGS="--only capacity,throughput".
+# first use). Results: results/bench-<time>/{results.json,summary.md,*.png} (results.json's
+# structure: benchmarks/schema.py). BENCH_ARGS passes options, e.g.
+# BENCH_ARGS="--only capacity,throughput".
 bench: setup
-	.venv/bin/python benchmarks/suite.py $(BENCH_ARGS)
+	.venv/bin/python -m benchmarks.suite $(BENCH_ARGS)
 
 bench-smoke: setup
-	.venv/bin/python benchmarks/suite.py --smoke $(BENCH_ARGS)
+	.venv/bin/python -m benchmarks.suite --smoke $(BENCH_ARGS)

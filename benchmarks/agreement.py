@@ -10,11 +10,12 @@ float rounding and kept sets can differ where two positions nearly tie at the ke
 Runs in the main venv (vLLM). Pieces:
 
 * :func:`vllm_kept_sets` — the real engine in-process (``vllm.LLM``, fp32, ``block_size=32`` so the
-  placement keeps exactly the budget, ``enforce_eager``, prefix caching off, no chunking), the
-  plugin's debug recorder on (``snapkv_set_debug`` RPC), one request per (case, budget) with
+  prompt compaction keeps exactly the budget, ``enforce_eager``, prefix caching off, no chunking),
+  the plugin's debug recorder on (``snapkv_set_debug`` RPC), one request per (case, budget) with
   ``extra_args={"snapkv_budget": b}`` and ``max_tokens=1``; the kept positions come back through
   the ``snapkv_kept`` RPC, per vLLM layer name (``model.layers.7.self_attn.attn`` -> layer 7).
-* :func:`kvpress_kept_sets` — kvpress's kept sets (and scores) from ``kvpress_runner.py``'s output.
+* :func:`kvpress_kept_sets` — kvpress's kept sets (and scores) from
+  ``benchmarks.kvpress_runner``'s output.
 * :func:`compare` — pure: per (case, budget, layer, KV head) identical or not, Jaccard
   ``|A∩B|/|A∪B|`` and overlap ``|A∩B|/|A|``; broken down by budget, prompt length and layer, the
   first differing layer of each run, and — where kvpress's scores are given — how near a tie
@@ -27,9 +28,9 @@ Both kept-set maps share one shape: ``{case_id: {"length": N, "budgets": {"128":
 ``kept[layer][kv_head]`` is the ascending list of kept prompt positions; kvpress's entries may add
 ``"scores": [layer][kv_head] -> list of the N - 64 prefix scores``.
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/agreement.py --kvpress-json results/kvpress_needle.json \\
+    python -m benchmarks.agreement --kvpress-json results/kvpress_needle.json \\
         --out results/agreement.json [--model PATH] [--budgets 128 256 ...]
 """
 
@@ -47,11 +48,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.kvpress_runner import DEFAULT_MODEL, decode_floats, decode_kept  # noqa: E402
+from benchmarks import REPO
+from benchmarks.kvpress_runner import DEFAULT_MODEL, decode_floats, decode_kept
 
 #: kvpress's SnapKVPress window (our ``kvpress`` preset's); our budgets must exceed it.
 KVPRESS_WINDOW = 64
@@ -270,9 +268,10 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.agreement", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kvpress-json", required=True,
-                        help="output of benchmarks/kvpress_runner.py (with record_kept cases)")
+                        help="output of benchmarks.kvpress_runner (with record_kept cases)")
     parser.add_argument("--out", default=str(REPO / "results" / "agreement.json"))
     parser.add_argument("--model", default=None,
                         help="model folder (default: the one kvpress_runner used)")

@@ -7,34 +7,49 @@ prompt K/V written by the kernel's own op, then, with keep fraction ``--keep`` (
 
 * ``write prompt``: ``ops.cpu_attn_reshape_and_cache`` for all N tokens of one layer — what vLLM
   already spends per layer in that step, the yardstick.
-* ``read K+V``: :func:`read_kv` of all N positions of one layer (SnapKV scoring reads the keys).
-* ``compact``: :func:`compact` of one layer — per head ``N - E`` kept tokens (random, sorted, plus
-  the window) moved into logical slots ``[E, N)``.
+* ``read K+V``: :func:`~vllm_snapkv.paged_kv.read_kv` of all N positions of one layer (SnapKV
+  scoring reads the keys).
+* ``compact``: :func:`~vllm_snapkv.backends.compaction.move_kept` of one layer (through the
+  paged-cache accessor the CPU adapter uses) — per head ``N - E`` kept tokens (random, sorted,
+  plus the window) moved into logical slots ``[E, N)``.
 
 Times are the best of ``--repeats`` runs (after a warm-up; best, not median, because the
 machines this runs on are often shared) on one layer's cache (reused; each compaction works on a
 fresh, untimed copy of the written cache); the ``x30`` columns are per-layer time x 30 layers.
 Prints a Markdown table. ``--quick`` is a smoke run (a few seconds). Numbers depend on the
-machine and on what else runs on it.
+machine and on what else runs on it. Needs vLLM's CPU ops (the main venv), no server.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.bench_compaction [--quick] [--keep 0.25] [--lengths 1024,4096]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from vllm_snapkv.paged_kv import compact, probe_cpu_layout, read_kv, slot_mapping  # noqa: E402
+from vllm_snapkv.backends.compaction import move_kept
+from vllm_snapkv.paged_kv import TokenLayout, probe_cpu_layout, read_kv, slot_mapping, write_kv
 
 HKV, D, BS, LAYERS, WINDOW = 3, 64, 128, 30, 32
+
+
+class PagedAccessor:
+    """:class:`~vllm_snapkv.backends.compaction.CacheAccessor` over a CPU cache of a known
+    layout (what the CPU adapter's ``CPUCacheAccessor`` does for the engine's own cache)."""
+
+    def __init__(self, layout: TokenLayout) -> None:
+        self.layout = layout
+
+    def read_kv(self, kv_cache, block_ids, positions):
+        return read_kv(kv_cache, block_ids, positions, self.layout)
+
+    def write_kv(self, kv_cache, block_ids, positions, keys, values):
+        write_kv(kv_cache, block_ids, positions, keys, values, self.layout)
 
 
 def _best_s(fn, repeats: int, setup=None) -> float:
@@ -73,13 +88,15 @@ def bench(n: int, keep: float, repeats: int, dtype: torch.dtype, isa: str) -> di
         torch.cat([torch.randperm(n - WINDOW, generator=gen)[: k - WINDOW].sort().values,
                    torch.arange(n - WINDOW, n)])
         for _ in range(HKV)])
-    t_compact = _best_s(lambda c: compact(c, block_ids, kept, e, layout), repeats,
-                          setup=kv.clone)
+    accessor = PagedAccessor(layout)
+    t_compact = _best_s(lambda c: move_kept(accessor, c, block_ids, kept, e), repeats,
+                        setup=kv.clone)
     return {"n": n, "kept": k, "write": t_write, "read": t_read, "compact": t_compact}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_compaction", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 1K, 4K, 1 repeat")
     parser.add_argument("--keep", type=float, default=0.25, help="kept fraction (budget / N)")
     parser.add_argument("--repeats", type=int, default=5)

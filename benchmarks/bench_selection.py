@@ -17,6 +17,10 @@ included, is compressed; the cost barely depends on the budget). For each prompt
 
 Prints a Markdown table and writes JSON (``--out``, default ``results/selection_bench.json``).
 ``--quick`` is a small smoke run (seconds) for CI. Not a timed test: numbers depend on the machine.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.bench_selection [--quick] [--lengths 1024 4096 ...] [--device cuda]
 """
 
 from __future__ import annotations
@@ -33,12 +37,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from vllm_snapkv.selection import resolve_tile_size, select_tokens_with_settings  # noqa: E402
-from vllm_snapkv.settings import SnapKVSettings  # noqa: E402
+from benchmarks import REPO
+from vllm_snapkv.methods.snapkv import resolve_tile_size
+from vllm_snapkv.selection import select_tokens_with_settings
+from vllm_snapkv.settings import SnapKVSettings
 
 HQ, HKV, D, HIDDEN, INTER, WINDOW, BUDGET = 9, 3, 64, 576, 1536, 32, 512
 
@@ -187,7 +189,8 @@ def bench_select(n: int, device, repeats: int, tile_size: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_selection", description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

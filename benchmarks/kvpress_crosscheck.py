@@ -18,12 +18,13 @@ kvpress's ``topk`` resolves arbitrarily and we resolve towards lower positions),
 (within ``--near-tie-rtol`` of the boundary: fp32 rounding), or a real disagreement.
 
 kvpress needs ``transformers<5.3``, so this runs in its own venv (``benchmarks/kvpress_env.sh``,
-default ``.venv-kvpress``). Started with any other Python, the script creates that venv if needed and
-re-executes itself there, with this repository on ``PYTHONPATH`` (the selection core is pure torch).
+default ``.venv-kvpress``). Started with any other Python, the module creates that venv if needed
+and re-executes itself there (``-m benchmarks.kvpress_crosscheck``), with this repository on
+``PYTHONPATH`` (the selection core is pure torch; nothing here may import vLLM).
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/kvpress_crosscheck.py [--model PATH] [--out results/kvpress_crosscheck.json]
+    python -m benchmarks.kvpress_crosscheck [--model PATH] [--out results/kvpress_crosscheck.json]
 """
 
 from __future__ import annotations
@@ -34,11 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.kvpress_venv import ensure_kvpress_python  # noqa: E402
+from benchmarks import REPO
+from benchmarks.kvpress_venv import ensure_kvpress_python
 
 DEFAULT_MODEL = REPO / ".cache" / "models" / "smollm2-135m-instruct"
 
@@ -98,7 +96,8 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import rotate_half
 
-    from vllm_snapkv.selection import kept_count, select_tokens_with_settings, window_scores
+    from vllm_snapkv.methods.snapkv import window_scores
+    from vllm_snapkv.selection import kept_count, select_tokens_with_settings
     from vllm_snapkv.settings import kvpress_preset
 
     torch.set_grad_enabled(False)
@@ -255,7 +254,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kvpress_crosscheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL) if DEFAULT_MODEL.is_dir() else None,
                         help="HF Llama folder (default: the bundled SmolLM2 if present, else a "
                              "random tiny Llama)")
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "results" / "kvpress_crosscheck.json"))
     args = parser.parse_args(argv)
-    ensure_kvpress_python(__file__, argv)
+    ensure_kvpress_python("benchmarks.kvpress_crosscheck", argv)
     report = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,12 @@ kvpress's own ``compress`` it takes ``scores.topk(n_kept)`` (as ``ScorerPress.co
 after the prefill, verifies that kvpress's pruned cache equals the pre-compression keys gathered at
 those positions, bit for bit, in every layer (as ``kvpress_crosscheck.py`` does).
 
-Runs in kvpress's venv (``benchmarks/kvpress_venv.py``); started with another Python, the CLI
-re-executes itself there. Budget 64 equals kvpress's window: it keeps only the window (degenerate,
-run anyway; our plugin refuses a budget <= window).
+Runs in kvpress's venv (``benchmarks/kvpress_venv.py``) as ``python -m benchmarks.kvpress_runner``
+from the repository root; started with another Python, the CLI re-executes itself there. So it
+imports only the standard library, torch, transformers, kvpress and the stdlib-only
+``benchmarks.kvpress_venv`` and ``benchmarks.needle`` (kvpress's venv has no vLLM). Budget 64
+equals kvpress's window: it keeps only the window (degenerate, run anyway; our plugin refuses a
+budget <= window).
 
 Input (``--spec``)::
 
@@ -62,9 +65,9 @@ base64 of an N-bit little-endian bitmap (bit ``p`` of byte ``p // 8`` set = posi
 positions (they do not depend on the budget; :func:`decode_floats`), which let
 ``benchmarks/agreement.py`` tell near-ties from real disagreements.
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/kvpress_runner.py --spec SPEC.json --out results/kvpress_needle.json
+    python -m benchmarks.kvpress_runner --spec SPEC.json --out results/kvpress_needle.json
 """
 
 from __future__ import annotations
@@ -82,12 +85,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.kvpress_venv import ensure_kvpress_python, kvpress_env, kvpress_python  # noqa: E402
-from benchmarks.needle import is_correct  # noqa: E402
+from benchmarks import REPO
+from benchmarks.kvpress_venv import ensure_kvpress_python, kvpress_env, kvpress_python
+from benchmarks.needle import is_correct
 
 DEFAULT_MODEL = REPO / ".cache" / "models" / "smollm2-135m-instruct"
 KEPT_ENCODING = ("per layer, per KV head: base64 of an N-bit little-endian bitmap "
@@ -404,25 +404,27 @@ def run(spec: dict, log: Callable[[str], None] = print) -> dict:
                 prefill_s=prefill, kept=kept_out)
 
 
-def run_subprocess(spec: dict, out: Path) -> dict:
-    """From any Python (e.g. the main venv): run ``spec`` in kvpress's venv, write ``out``, and
-    return the report."""
-    out = Path(out)
+def run_subprocess(spec: dict, out: Path, spec_path: Path | None = None) -> dict:
+    """From any Python (e.g. the main venv): run ``spec`` in kvpress's venv (``python -m
+    benchmarks.kvpress_runner`` from the repository root), write ``out``, and return the report.
+    The spec is written to ``spec_path`` (default ``<out stem>.spec.json`` next to ``out``)."""
+    out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    spec_path = out.with_name(out.stem + ".spec.json")
+    spec_path = Path(spec_path or out.with_name(out.stem + ".spec.json")).resolve()
     spec_path.write_text(json.dumps(spec))
-    subprocess.run([str(kvpress_python()), str(Path(__file__).resolve()), "--spec", str(spec_path),
-                    "--out", str(out)], env=kvpress_env(), check=True)
+    subprocess.run([str(kvpress_python()), "-m", "benchmarks.kvpress_runner", "--spec",
+                    str(spec_path), "--out", str(out)], env=kvpress_env(), cwd=REPO, check=True)
     return json.loads(out.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kvpress_runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="input JSON (see the module docstring)")
     parser.add_argument("--out", default=str(REPO / "results" / "kvpress_needle.json"))
     args = parser.parse_args(argv)
-    ensure_kvpress_python(__file__, argv)
+    ensure_kvpress_python("benchmarks.kvpress_runner", argv)
     report = run(json.loads(Path(args.spec).read_text()),
                  log=lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(args.out)

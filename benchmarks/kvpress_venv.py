@@ -1,14 +1,17 @@
-"""Run a benchmark script under NVIDIA kvpress 0.5.5's own virtual environment.
+"""Run a benchmark module under NVIDIA kvpress 0.5.5's own virtual environment.
 
 kvpress 0.5.5 pins ``transformers<5.3``, which the vLLM project venv does not satisfy, so every
-script that imports kvpress (``kvpress_crosscheck.py``, ``kvpress_runner.py``) runs in a separate
-venv built by ``benchmarks/kvpress_env.sh`` (default ``<repo>/.venv-kvpress``, or
-``$KVPRESS_VENV``).
-Such a script calls :func:`ensure_kvpress_python` first: when started with any other Python it
-creates that venv if needed (the shell script is idempotent) and re-executes itself there, with this
-repository on ``PYTHONPATH`` so that ``vllm_snapkv`` (the selection core is pure torch) and
-``benchmarks.*`` import without being installed. :func:`kvpress_python` gives the interpreter path
-to callers in the main venv that start such a script as a subprocess.
+module that imports kvpress (``benchmarks.kvpress_crosscheck``, ``benchmarks.kvpress_runner``) runs
+in a separate venv built by ``benchmarks/kvpress_env.sh`` (default ``<repo>/.venv-kvpress``, or
+``$KVPRESS_VENV``), as ``<venv>/bin/python -m benchmarks.<module>`` from the repository root.
+Such a module calls :func:`ensure_kvpress_python` first: when started with any other Python it
+creates that venv if needed (the shell script is idempotent) and re-executes itself there with
+``-m``, this repository on ``PYTHONPATH`` (:func:`kvpress_env`) so that ``vllm_snapkv`` (the
+selection core is pure torch) and ``benchmarks.*`` import without being installed.
+:func:`kvpress_python` gives the interpreter path to callers in the main venv that start such a
+module as a subprocess (``cwd=REPO``, ``env=kvpress_env()``).
+
+Standard library only: it is imported on both sides.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import REPO
+
 DEFAULT_VENV = REPO / ".venv-kvpress"
 KVPRESS_VERSION = "0.5.5"
 _REEXEC_ENV = "_SNAPKV_KVPRESS_REEXEC"
@@ -37,15 +41,17 @@ def kvpress_python() -> Path:
 
 
 def kvpress_env() -> dict[str, str]:
-    """Environment for a script run by :func:`kvpress_python`: this repo on ``PYTHONPATH``."""
+    """Environment for a module run by :func:`kvpress_python`: this repo on ``PYTHONPATH`` (so
+    that ``-m benchmarks.<module>`` works from any working directory)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
     env.setdefault("VLLM_SNAPKV_SKIP_VERSION_CHECK", "1")
     return env
 
 
-def ensure_kvpress_python(script: str | Path, argv: list[str]) -> None:
-    """Return if kvpress 0.5.5 is importable here; else re-exec ``script argv`` in its venv."""
+def ensure_kvpress_python(module: str, argv: list[str]) -> None:
+    """Return if kvpress 0.5.5 is importable here; else re-exec ``python -m module argv`` in
+    its venv (same working directory, so relative paths in ``argv`` keep their meaning)."""
     try:
         from importlib.metadata import version
 
@@ -59,4 +65,4 @@ def ensure_kvpress_python(script: str | Path, argv: list[str]) -> None:
     py = kvpress_python()
     env = kvpress_env()
     env[_REEXEC_ENV] = "1"
-    os.execve(str(py), [str(py), str(Path(script).resolve()), *argv], env)
+    os.execve(str(py), [str(py), "-m", module, *argv], env)

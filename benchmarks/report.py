@@ -1,13 +1,16 @@
 """Turn a benchmark run's ``results.json`` into ``summary.md`` and PNG plots.
 
 Each figure is printed next to the target the project holds itself to (issue #6), with "met" /
-"not met" computed from the numbers, never written by hand. Also usable on its own::
+"not met" computed from the numbers, never written by hand. The results are checked against
+:mod:`benchmarks.schema` before anything is drawn. Also usable on its own, from the repository
+root (writes next to ``results.json``, or into ``--out``)::
 
-    python benchmarks/report.py results/bench-.../results.json
+    python -m benchmarks.report results/bench-.../results.json [--out DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,6 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks import schema  # noqa: E402
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -38,7 +43,7 @@ def accuracy_series(results: dict) -> dict[str, dict[str, dict[int, float]]]:
                 peers["full"][0] = cell["accuracy"]
             else:
                 method, budget = col.split("@")
-                peers[method][int(budget)] = cell["accuracy"]
+                peers.setdefault(method, {})[int(budget)] = cell["accuracy"]
         out[n] = peers
     kv = results.get("kvpress", {}).get("kvpress", {}).get("accuracy", {})
     for n, cols in kv.items():
@@ -321,13 +326,35 @@ def _accuracy_md(results: dict) -> list[str]:
 
 
 def write(results: dict, out: Path) -> None:
-    """``summary.md`` and the plots next to ``results.json``."""
+    """``summary.md`` and the plots into ``out`` (a finished run's results: raises
+    :class:`~benchmarks.schema.SchemaError` before drawing anything if they do not match the
+    schema)."""
+    schema.check(results, what="results to draw")
     plot_accuracy(results, out / "accuracy_vs_budget.png")
     plot_pressure(results, out / "throughput_capacity.png")
     plot_ttft(results, out / "ttft_vs_prompt.png")
     (out / "summary.md").write_text(summary(results))
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a run's results.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for summary.md and the plots (default: next to results)")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    problems = schema.validate(results)
+    if problems:
+        print(f"{args.results} does not match benchmarks/schema.py; nothing drawn:",
+              *problems, sep="\n  ", file=sys.stderr)
+        return 1
+    out = args.out or args.results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    write(results, out)
+    print(f"wrote {out / 'summary.md'}")
+    return 0
+
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1])
-    write(json.loads(path.read_text()), path.parent)
+    sys.exit(main())

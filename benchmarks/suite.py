@@ -1,9 +1,9 @@
 """The benchmark suite (``make bench``): vllm-snapkv against vanilla vLLM, the recency baseline and
 NVIDIA kvpress, on this machine, each comparison run side by side in one invocation.
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/suite.py [--smoke] [--out results/bench-<time>] [--only accuracy,capacity]
+    python -m benchmarks.suite [--smoke] [--out results/bench-<time>] [--only accuracy,capacity]
 
 What runs (sections; ``--only`` picks some):
 
@@ -12,21 +12,23 @@ What runs (sections; ``--only`` picks some):
   1K/2K/4K-token prompts, and decode seconds per output token at 4K context with 1 and 8
   requests in flight.
 * ``blocks`` — KV blocks a request holds after prefill, read from each server's own
-  ``vllm:kv_cache_usage_perc`` × pool size while the request decodes, against the placement
-  arithmetic ``ceil((N - E) / bs)`` (+1 block for the decode tokens).
-* ``accuracy`` — the needle task (``needle.py``): full cache (per-request opt-out), SnapKV and the
-  recency baseline at every budget, all on the SnapKV server with 32-token blocks, so every budget
-  is kept exactly. kvpress runs the same token ids in its own venv (``kvpress_runner.py``) and
-  ``agreement.py`` compares kept sets of our kvpress preset with kvpress's.
-* ``selection`` — selection cost vs one layer's prefill, 1K-32K tokens (``bench_selection.py``),
-  and the server-side selection time histogram.
+  ``vllm:kv_cache_usage_perc`` × pool size while the request decodes, against the block
+  arithmetic of the prompt compaction ``ceil((N - E) / bs)`` (+1 block for the decode tokens).
+* ``accuracy`` — the needle task (``benchmarks.needle``): full cache (per-request opt-out), SnapKV
+  and the recency baseline at every budget, all on the SnapKV server with 32-token blocks, so every
+  budget is kept exactly. kvpress runs the same token ids in its own venv
+  (``benchmarks.kvpress_runner``) and ``benchmarks.agreement`` compares kept sets of our kvpress
+  preset with kvpress's.
+* ``selection`` — selection cost vs one layer's prefill, 1K-32K tokens
+  (``benchmarks.bench_selection``), and the server-side selection time histogram.
 * ``capacity`` / ``throughput`` — a fixed KV pool (``--num-gpu-blocks-override``) on the tiny
   random model (block accounting and scheduling are the model-independent part; the 2-core CPU
   cannot push enough SmolLM2 4K prompts through in a benchmark's time): the most concurrent
   4K-token requests that run without preemption, and output tokens/s of a queue of long prompts,
   vanilla vs 2x/4x/8x compression.
 
-Writes ``results.json`` (everything measured), ``summary.md`` and PNG plots into ``--out``.
+Writes ``results.json`` (everything measured; its structure is ``benchmarks.schema``, checked
+before every write), ``summary.md`` and PNG plots into ``--out``.
 ``--smoke`` runs every section at toy sizes (the test suite runs it so the benchmarks cannot rot);
 its numbers mean nothing.
 """
@@ -51,18 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from benchmarks import REPO, client, kvpress_runner, needle, report, schema
+from vllm_snapkv import compat, models
+from vllm_snapkv.schedule import Schedule
+from vllm_snapkv.testing import VllmServer
 
-import client  # noqa: E402
-import needle  # noqa: E402
-import report  # noqa: E402
-
-from vllm_snapkv import compat, models  # noqa: E402
-from vllm_snapkv.placement import plan  # noqa: E402
-from vllm_snapkv.testing import REPO, VllmServer  # noqa: E402
-
-SECTIONS = ("overhead", "blocks", "accuracy", "selection", "capacity", "throughput")
+#: The ``--only`` sections: :data:`benchmarks.schema.SECTIONS` (what each writes is there).
+SECTIONS = tuple(schema.SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -218,6 +215,14 @@ def held_blocks(server: VllmServer, ids: list[int], xargs: dict | None, pool: in
                        f"{decode_tokens} tokens")
 
 
+def evicted_tokens(n: int, budget: int, bs: int) -> int:
+    """Tokens the prompt compaction evicts from an ``n``-token prompt kept to ``budget`` per KV
+    head with ``bs``-token blocks: ``floor((n - budget) / bs) * bs`` (0 without a compaction)."""
+    c = Schedule(prompt_len=n, block_size=bs, method="snapkv", prompt_target=budget
+                 ).prompt_compaction
+    return c.evicted if c is not None else 0
+
+
 def tally(readings: list[int]) -> dict[str, int]:
     """``{reading: how many times}`` (JSON keys)."""
     return {str(k): v for k, v in sorted(Counter(readings).items())}
@@ -233,12 +238,12 @@ def bench_blocks(p: Profile, vanilla: VllmServer, snap: VllmServer) -> dict:
         base_seen = held_blocks(vanilla, ids, None, pool, decode_tokens)
         base = statistics.mode(base_seen)
         for b in p.budgets:
-            place = plan(n, b, bs)
+            evicted = evicted_tokens(n, b, bs)
             seen = held_blocks(snap, random_prompts(1, n, seed=n + b)[0], {"snapkv_budget": b},
                                pool, decode_tokens)
             got = statistics.mode(seen)
-            want = math.ceil((n - place.evicted) / bs) + 1
-            rows.append({"prompt": n, "budget": b, "block_size": bs, "evicted": place.evicted,
+            want = math.ceil((n - evicted) / bs) + 1
+            rows.append({"prompt": n, "budget": b, "block_size": bs, "evicted": evicted,
                          "vanilla_blocks": base, "snapkv_blocks": got, "expected_blocks": want,
                          "vanilla_readings": tally(base_seen), "snapkv_readings": tally(seen),
                          "matches_arithmetic": got == want,
@@ -297,25 +302,23 @@ def bench_kvpress(p: Profile, cases: list[needle.Case], out: Path) -> dict:
     spec = {"cases": [c.to_dict() for c in chosen], "budgets": list(p.budgets),
             "max_new_tokens": 8, "record_kept": record,
             "model": str(models.ensure_model(models.SMOLLM2))}
-    spec_path, result_path = out / "kvpress_input.json", out / "kvpress.json"
-    spec_path.write_text(json.dumps(spec))
+    result_path = out / "kvpress.json"
     started = time.time()
-    subprocess.run([sys.executable, str(HERE / "kvpress_runner.py"), "--spec", str(spec_path),
-                    "--out", str(result_path)], check=True, cwd=REPO)
-    kvpress = json.loads(result_path.read_text())
+    kvpress = kvpress_runner.run_subprocess(spec, result_path,
+                                            spec_path=out / "kvpress_input.json")
     kvpress.pop("kept", None)  # bulky (bitmaps, scores); stays in kvpress.json for agreement.py
     log(f"kvpress: {len(chosen)} prompts in {time.time() - started:.0f}s")
     agreement_path = out / "agreement.json"
-    subprocess.run([sys.executable, str(HERE / "agreement.py"), "--kvpress-json",
+    subprocess.run([sys.executable, "-m", "benchmarks.agreement", "--kvpress-json",
                     str(result_path), "--budgets", *map(str, p.agreement_budgets),
                     "--out", str(agreement_path)], check=True, cwd=REPO)
     return {"kvpress": kvpress, "agreement": json.loads(agreement_path.read_text())}
 
 
 def bench_selection(p: Profile, out: Path) -> dict:
-    """Selection vs one layer's prefill, SmolLM2 shapes (``bench_selection.py``)."""
+    """Selection vs one layer's prefill, SmolLM2 shapes (``benchmarks.bench_selection``)."""
     path = out / "selection.json"
-    subprocess.run([sys.executable, str(HERE / "bench_selection.py"), "--lengths",
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_selection", "--lengths",
                     *map(str, p.selection_lengths), "--repeats", "1", "--out", str(path)],
                    check=True, cwd=REPO)
     return {"layer_bench": json.loads(path.read_text())}
@@ -443,9 +446,18 @@ def throughput_split(thr: dict[str, dict]) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------- main
 
 
-def save(results: dict, out: Path) -> None:
-    """Write what has been measured so far (after every section: a crash keeps the rest)."""
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+def save(results: dict, out: Path, *, complete: bool = False) -> None:
+    """Write what has been measured so far (after every section: a crash keeps the rest).
+
+    Checked against :mod:`benchmarks.schema` first; the file is written either way (the
+    measurements are not lost), then a mismatch stops the run with
+    :class:`~benchmarks.schema.SchemaError` (a suite that writes what the report cannot read is
+    a bug, better found at the first section than after the last)."""
+    text = json.dumps(results, indent=1)
+    problems = schema.validate(json.loads(text), complete=complete)  # what the file holds
+    (out / "results.json").write_text(text)
+    if problems:
+        raise schema.SchemaError(problems, f"{out / 'results.json'}")
 
 
 def machine() -> dict:
@@ -458,7 +470,8 @@ def machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.suite", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="toy sizes (CI): numbers mean nothing")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only", default=",".join(SECTIONS),
@@ -479,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"profile": dataclasses.asdict(p), "smoke": args.smoke,
                                "machine": machine(), "sections": sorted(sections),
                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    save(results, out)  # the meta block checked before anything runs
     started = time.time()
 
     # Timing-sensitive sections first; the long accuracy runs (timings unused) last.
@@ -512,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     if "accuracy" in sections:
         results["kvpress"] = bench_kvpress(p, cases, out)
     results["wall_s"] = time.time() - started
-    save(results, out)
+    save(results, out, complete=True)
     report.write(results, out)
     log(f"done in {results['wall_s']:.0f}s: {out}/summary.md")
     return 0

@@ -19,8 +19,12 @@ import argparse
 import logging
 from typing import Any
 
-from vllm_snapkv.config import METHOD_KEY, METHODS, SETTINGS_KEY, CompressionConfig
+from vllm_snapkv.config import METHOD_KEY, OFF, SETTINGS_KEY, CompressionConfig, methods
+from vllm_snapkv.methods import registered_methods
 from vllm_snapkv.settings import (
+    DEFAULT_DECODE_INTERVAL,
+    DEFAULT_PREFILL_INTERVAL,
+    DEFAULT_PREFILL_METHOD,
     GQA_AGGREGATIONS,
     POOLINGS,
     PRESETS,
@@ -33,10 +37,12 @@ logger = logging.getLogger("vllm_snapkv")
 #: Title of the flag group; ``vllm serve --help=snapkv`` prints just this group.
 GROUP_TITLE = "SnapKV"
 GROUP_DESCRIPTION = (
-    "SnapKV KV-cache compression (vllm-snapkv plugin): at the end of prefill, keep per KV head "
-    "the prompt tokens the last prompt tokens attend to most, and return evicted KV blocks to "
-    "the block pool. Per request, `vllm_xargs` may carry kv_compression=none (opt out) "
-    "or =snapkv/=recency (method), snapkv_budget or snapkv_ratio."
+    "KV-cache compression (vllm-snapkv plugin): a method picks the tokens each KV head keeps, "
+    "at the end of the prompt (--snapkv-budget/--snapkv-ratio), optionally while a long prompt "
+    "is read (--snapkv-prefill-budget) and while the answer is generated "
+    "(--snapkv-decode-budget); evicted KV blocks return to the block pool. Per request, "
+    "`vllm_xargs` may carry kv_compression=none (opt out) or a method name, snapkv_budget, "
+    "snapkv_ratio, snapkv_decode_budget, snapkv_prefill_budget."
 )
 
 #: (setting name, flag type, choices, help). Defaults are None = "not given": the settings
@@ -58,7 +64,24 @@ _SETTING_FLAGS: tuple[tuple[str, type, tuple[str, ...] | None, str], ...] = (
      "How a KV head's query group combines (selection is per KV head). Default mean."),
     ("sink", int, None, "First prompt tokens always kept (inside the budget). Default 0."),
     ("min-prompt", int, None,
-     "Prompts shorter than this many tokens are never compressed. Default 0."),
+     "Prompts shorter than this many tokens are never compressed while read or at their end. "
+     "Default 0."),
+    ("decode-budget", int, None,
+     "Compact during generation too: once a request attends more than this plus "
+     "--snapkv-decode-interval tokens, keep this many per KV head. Default: off."),
+    ("decode-interval", int, None,
+     "Tokens between two decode compactions (a positive multiple of the KV block size). "
+     f"Default {DEFAULT_DECODE_INTERVAL}, rounded up to whole blocks."),
+    ("prefill-budget", int, None,
+     "Compact while a long prompt is read in chunks: keep this many tokens per KV head of what "
+     "has been read whenever it exceeds this plus --snapkv-prefill-interval; lets prompts "
+     "larger than the KV pool run. At least --snapkv-budget. Default: off."),
+    ("prefill-interval", int, None,
+     "Prompt tokens read between two prefill compactions (a positive multiple of the KV "
+     f"block size). Default {DEFAULT_PREFILL_INTERVAL}, rounded up to whole blocks."),
+    ("prefill-method", str, None,
+     "Method of the compactions made while a prompt is read (the question at its end is not "
+     f"read yet). Default {DEFAULT_PREFILL_METHOD}."),
     ("preset", str, tuple(PRESETS),
      "Start from named settings: 'kvpress' (NVIDIA kvpress SnapKVPress: window 64, kernel 5, "
      "avg pool, mean reductions), 'paper' (window 32, max-pool 7), 'default'. Other flags "
@@ -77,16 +100,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group(GROUP_TITLE, GROUP_DESCRIPTION)
     group.add_argument(
         "--kv-compression",
-        choices=METHODS,
+        choices=methods(),
         default=None,
-        help=(
-            "KV-cache compression applied to each prompt at the end of prefill. 'none' "
-            "(default) is vanilla vLLM. 'snapkv' selects the prompt tokens each KV head keeps "
-            "(SnapKV, arXiv 2404.14469) with the --snapkv-* settings. 'recency' is the "
-            "baseline that keeps sinks + the most recent tokens at the same budget."
-        ),
+        help="The method that picks the tokens each KV head keeps; 'none' (default) is vanilla "
+             "vLLM. " + "; ".join(f"'{name}': {cls.summary} ({cls.paper})"
+                                  for name, cls in registered_methods().items()) + ".",
     )
     for name, typ, choices, text in _SETTING_FLAGS:
+        if name == "prefill-method":
+            choices = tuple(registered_methods())
         group.add_argument(f"--snapkv-{name}", dest=_dest(name), type=typ, choices=choices,
                            default=None, help=text)
     return parser
@@ -112,7 +134,7 @@ def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any]) -
         settings[key] = value
     if settings:
         additional_config[SETTINGS_KEY] = settings
-    additional_config.setdefault(METHOD_KEY, "none")
+    additional_config.setdefault(METHOD_KEY, OFF)
     CompressionConfig.from_additional_config(additional_config)  # validate now, at start-up
     return additional_config
 
@@ -124,8 +146,11 @@ def flag_for(setting: str) -> str:
     return "--snapkv-" + setting.replace("_", "-")
 
 
+def error_message(err: SettingsError) -> str:
+    """``--flag=value is invalid: allowed range`` for a refused setting."""
+    return f"{flag_for(err.setting)}={err.value!r} is invalid: {err.allowed}"
+
+
 def startup_error(err: SettingsError) -> SystemExit:
     """A clean start-up refusal (no traceback) that names the flag, the value and the range."""
-    return SystemExit(
-        f"vllm serve: error: {flag_for(err.setting)}={err.value!r} is invalid: {err.allowed}"
-    )
+    return SystemExit(f"vllm serve: error: {error_message(err)}")

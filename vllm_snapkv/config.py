@@ -1,17 +1,20 @@
-"""Engine-level compression settings, and each request's effective settings.
+"""Engine-level compression settings, and what each request gets: its settings and its schedule.
 
 One :class:`CompressionConfig` per engine, built from ``VllmConfig.additional_config`` (where the
 ``--kv-compression``/``--snapkv-*`` flags, ``--config`` YAML keys and ``LLM(additional_config=...)``
-all end up). The scheduler and every worker build it from the same dict and call the same pure
-functions on the same inputs — prompt length, block size, the request's ``extra_args`` — so they
-agree on every request's placement without talking to each other.
+all end up). The scheduler and every worker build it from the same dict and call
+:meth:`CompressionConfig.request_plan` on the same inputs — prompt length, block size, the
+request's ``extra_args`` — so they agree on every request's compactions without talking to each
+other. That call is the one place a request's budget, method and schedule are decided.
 
 Per-request control travels in ``SamplingParams.extra_args`` (the OpenAI API's ``vllm_xargs``):
 
-* ``"kv_compression": "none"`` — this request opts out (behaves exactly as vanilla vLLM);
-  ``"snapkv"`` / ``"recency"`` — this request uses that method (the recency baseline is there so
-  the same server can show what SnapKV's selection buys over keeping the most recent tokens);
-* ``"snapkv_budget": 2048`` or ``"snapkv_ratio": 0.25`` — a different amount for this request.
+* ``"kv_compression": "none"`` — this request opts out (behaves exactly as vanilla vLLM); a
+  method name (``"snapkv"``, ``"recency"``, ``"keydiff"``, ...) — this request uses that method;
+* ``"snapkv_budget": 2048`` or ``"snapkv_ratio": 0.25`` — a different amount kept at the end of
+  the prompt;
+* ``"snapkv_decode_budget": 512`` / ``"snapkv_prefill_budget": 4096`` — compaction during decode
+  / while the prompt is read, for this request (``0`` turns that phase off for it).
 
 Anything else under a ``snapkv_`` prefix, or a bad value, is refused by
 :meth:`CompressionConfig.request_settings` with a :class:`~vllm_snapkv.settings.SettingsError` that
@@ -24,70 +27,82 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_snapkv.placement import Placement, plan
+from vllm_snapkv.methods import method_names
+from vllm_snapkv.schedule import Schedule, round_to_blocks
 from vllm_snapkv.selection import kept_count
-from vllm_snapkv.settings import RECENCY_SINK, SettingsError, SnapKVSettings
+from vllm_snapkv.settings import (
+    DEFAULT_DECODE_INTERVAL,
+    DEFAULT_PREFILL_INTERVAL,
+    SettingsError,
+    SnapKVSettings,
+)
 
-#: Key of ``additional_config`` holding the method (one of :data:`METHODS`).
+#: Key of ``additional_config`` holding the method (``none`` or a registered method name).
 METHOD_KEY = "kv_compression"
-#: Key of ``additional_config`` holding the SnapKV settings dict (plus ``min_prompt``).
+#: Key of ``additional_config`` holding the settings dict (plus ``min_prompt``).
 SETTINGS_KEY = "snapkv"
-#: ``none`` = vanilla vLLM; ``snapkv`` = SnapKV's selection; ``recency`` = the baseline that keeps
-#: sinks + the most recent tokens at the same budget and placement (settings' ``scorer``).
-METHODS: tuple[str, ...] = ("none", "snapkv", "recency")
+#: ``--kv-compression none``: vanilla vLLM.
+OFF = "none"
 
 #: Default amount when neither budget nor ratio is given: the SnapKV paper's 1024-token budget.
 DEFAULT_BUDGET = 1024
 
 #: Per-request keys (in ``extra_args`` / ``vllm_xargs``) and the setting each one overrides.
 REQUEST_METHOD_KEY = "kv_compression"
-REQUEST_KEYS: dict[str, str] = {"snapkv_budget": "budget", "snapkv_ratio": "ratio"}
+REQUEST_KEYS: dict[str, str] = {
+    "snapkv_budget": "budget",
+    "snapkv_ratio": "ratio",
+    "snapkv_decode_budget": "decode_budget",
+    "snapkv_prefill_budget": "prefill_budget",
+}
+#: Per-request keys whose value 0 turns the phase off for the request.
+REQUEST_OFF_BY_ZERO = ("snapkv_decode_budget", "snapkv_prefill_budget")
 REQUEST_PREFIX = "snapkv_"
-
 
 _REQUEST_KEY_OF = {setting: key for key, setting in REQUEST_KEYS.items()}
 
 
+def methods() -> tuple[str, ...]:
+    """What ``--kv-compression`` accepts: ``none`` and every registered method."""
+    return (OFF, *method_names())
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """What one request gets: its effective settings and its compactions."""
+
+    settings: SnapKVSettings
+    schedule: Schedule
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
-    """What the engine does to long prompts.
+    """What the engine does to requests' KV.
 
     Attributes:
-        method: ``"none"`` (vanilla vLLM), ``"snapkv"`` or ``"recency"``.
-        settings: the selection settings as configured, scorer ``"snapkv"`` (``None`` when
-            ``method == "none"``); :meth:`method_settings` derives the recency baseline's.
-        min_prompt: prompts shorter than this many tokens are never compressed, whatever the
-            budget/ratio says (useful with ``ratio``, which would otherwise shrink short prompts).
+        method: ``"none"`` (vanilla vLLM) or a registered method name.
+        settings: the settings as configured (``None`` when ``method == "none"``); their
+            ``method`` is :attr:`method`.
+        min_prompt: prompts shorter than this many tokens are never compressed while read or at
+            their end (decode compaction, when on, still bounds their output).
     """
 
-    method: str = "none"
+    method: str = OFF
     settings: SnapKVSettings | None = None
     min_prompt: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise SettingsError("kv_compression", self.method, f"must be one of {', '.join(METHODS)}")
-        if self.method != "none" and self.settings is None:
-            raise SettingsError("kv_compression", self.method, f"{self.method} needs settings")
+        if self.method not in methods():
+            raise SettingsError(METHOD_KEY, self.method, f"must be one of {', '.join(methods())}")
+        if self.method != OFF and self.settings is None:
+            raise SettingsError(METHOD_KEY, self.method, f"{self.method} needs settings")
         if isinstance(self.min_prompt, bool) or not isinstance(self.min_prompt, int) \
                 or self.min_prompt < 0:
             raise SettingsError("min_prompt", self.min_prompt, "must be an integer >= 0")
 
     @property
     def enabled(self) -> bool:
-        return self.method != "none"
-
-    def method_settings(self, method: str) -> SnapKVSettings:
-        """The configured settings, scored by ``method`` (``"snapkv"`` or ``"recency"``).
-
-        The recency baseline keeps StreamingLLM's :data:`~vllm_snapkv.settings.RECENCY_SINK` sinks
-        unless ``sink`` was configured.
-        """
-        assert self.settings is not None
-        if method == "recency":
-            return self.settings.replace(scorer="recency",
-                                         sink=self.settings.sink or RECENCY_SINK)
-        return self.settings
+        return self.method != OFF
 
     # ------------------------------------------------------------------ construction
 
@@ -98,21 +113,22 @@ class CompressionConfig:
         Raises :class:`SettingsError` naming the offending key.
         """
         cfg = dict(additional_config or {})
-        method = cfg.get(METHOD_KEY, "none")
-        if method not in METHODS:
-            raise SettingsError("kv_compression", method, f"must be one of {', '.join(METHODS)}")
+        method = cfg.get(METHOD_KEY, OFF)
+        if method not in methods():
+            raise SettingsError(METHOD_KEY, method, f"must be one of {', '.join(methods())}")
         raw = cfg.get(SETTINGS_KEY) or {}
         if not isinstance(raw, Mapping):
             raise SettingsError(SETTINGS_KEY, raw, "must be a mapping of setting name to value")
         raw = {k: v for k, v in raw.items() if v is not None}
-        if "scorer" in raw:
-            raise SettingsError("scorer", raw["scorer"],
-                                f"choose the scorer with kv_compression ({', '.join(METHODS[1:])})")
+        if "method" in raw:
+            raise SettingsError("method", raw["method"],
+                                f"choose the method with kv_compression ({', '.join(methods())})")
         min_prompt = raw.pop("min_prompt", 0)
-        if method == "none":
-            return cls(method="none", settings=None, min_prompt=min_prompt)
+        if method == OFF:
+            return cls(method=OFF, settings=None, min_prompt=min_prompt)
         if "budget" not in raw and "ratio" not in raw:
             raw["budget"] = DEFAULT_BUDGET
+        raw["method"] = method
         return cls(method=method, settings=SnapKVSettings.from_dict(raw), min_prompt=min_prompt)
 
     @classmethod
@@ -124,10 +140,22 @@ class CompressionConfig:
         """Inverse of :meth:`from_additional_config`."""
         out: dict[str, Any] = {METHOD_KEY: self.method}
         if self.settings is not None:
-            settings = self.settings.to_dict()
-            del settings["scorer"]  # carried by the method
+            settings = {k: v for k, v in self.settings.to_dict().items() if v is not None}
+            del settings["method"]  # carried by kv_compression
             out[SETTINGS_KEY] = {**settings, "min_prompt": self.min_prompt}
         return out
+
+    def check_block_size(self, block_size: int) -> None:
+        """Refuse intervals that are not whole KV blocks (known once the engine's block size
+        is); :class:`SettingsError` names the setting."""
+        s = self.settings
+        if s is None:
+            return
+        for name in ("decode_interval", "prefill_interval"):
+            value = getattr(s, name)
+            if value is not None and value % block_size:
+                raise SettingsError(name, value, f"must be a positive multiple of the KV block "
+                                    f"size ({block_size})")
 
     # ------------------------------------------------------------------ per request
 
@@ -140,11 +168,13 @@ class CompressionConfig:
         """
         if not self.enabled:
             return None
+        assert self.settings is not None
         extra = dict(extra_args or {})
         method = extra.get(REQUEST_METHOD_KEY, self.method)
-        if not isinstance(method, str) or method not in METHODS:
-            raise SettingsError(REQUEST_METHOD_KEY, method, f"must be one of {', '.join(METHODS)}")
-        if method == "none":
+        if not isinstance(method, str) or method not in methods():
+            raise SettingsError(REQUEST_METHOD_KEY, method,
+                                f"must be one of {', '.join(methods())}")
+        if method == OFF:
             return None
         changes: dict[str, Any] = {}
         for key, value in extra.items():
@@ -155,43 +185,61 @@ class CompressionConfig:
                     key, value, f"unknown request setting (allowed: {', '.join(REQUEST_KEYS)}, "
                     f"{REQUEST_METHOD_KEY})"
                 )
+            if key in REQUEST_OFF_BY_ZERO and value == 0 and not isinstance(value, bool):
+                value = None
             changes[REQUEST_KEYS[key]] = value
         if "budget" in changes and "ratio" in changes:
             raise SettingsError(
                 "snapkv_budget", changes["budget"],
                 "give snapkv_budget or snapkv_ratio, not both",
             )
-        base = self.method_settings(method)
+        if method != self.settings.method:
+            changes["method"] = method
         if not changes:
-            return base
+            return self.settings
         try:
-            return base.override(changes)
+            return self.settings.override(changes)
         except SettingsError as err:
             # Re-aim the error at the request field the client actually sent.
             key = _REQUEST_KEY_OF.get(err.setting, err.setting)
+            if key == "method":
+                key = REQUEST_METHOD_KEY
             raise SettingsError(key, err.value, err.allowed) from None
 
-    def target_kept(self, prompt_len: int, extra_args: Mapping[str, Any] | None) -> int | None:
-        """Tokens per KV head the selection wants to keep, or ``None`` to leave the prompt whole.
+    def request_plan(self, prompt_len: int, block_size: int,
+                     extra_args: Mapping[str, Any] | None) -> RequestPlan | None:
+        """The request's settings and compactions, or ``None`` when it never compacts.
 
-        ``None`` when compression is off, the request opted out, the prompt is shorter than
-        ``min_prompt``, or the prompt already fits the budget.
+        The prompt compacts at its end when it is at least ``min_prompt`` long and longer than
+        its kept count (and that frees a block); while it is read when ``prefill_budget`` is
+        set (same ``min_prompt`` rule); during decode when ``decode_budget`` is set.
         """
         settings = self.request_settings(extra_args)
-        if settings is None or prompt_len < self.min_prompt:
+        if settings is None:
             return None
-        kept = kept_count(prompt_len, settings)
-        return kept if kept < prompt_len else None
+        long_enough = prompt_len >= self.min_prompt
+        target = kept_count(prompt_len, settings) if long_enough else prompt_len
+        schedule = Schedule(
+            prompt_len=prompt_len,
+            block_size=block_size,
+            method=settings.method,
+            prompt_target=target if target < prompt_len else None,
+            prefill_budget=settings.prefill_budget if long_enough else None,
+            prefill_interval=_interval(settings.prefill_interval, DEFAULT_PREFILL_INTERVAL,
+                                       block_size),
+            prefill_method=settings.prefill_method_name,
+            decode_budget=settings.decode_budget,
+            decode_interval=_interval(settings.decode_interval, DEFAULT_DECODE_INTERVAL,
+                                      block_size),
+        )
+        return RequestPlan(settings, schedule) if schedule.compresses else None
 
-    def placement(self, prompt_len: int, block_size: int,
-                  extra_args: Mapping[str, Any] | None) -> Placement | None:
-        """Where this request's kept KV goes, or ``None`` when no block would be freed.
+    def schedule(self, prompt_len: int, block_size: int,
+                 extra_args: Mapping[str, Any] | None) -> Schedule | None:
+        """:meth:`request_plan`'s schedule (``None``: the request never compacts)."""
+        plan = self.request_plan(prompt_len, block_size, extra_args)
+        return None if plan is None else plan.schedule
 
-        A prompt whose surplus over the target is under one block frees nothing, so it is left
-        whole (compacting it would cost work and buy no memory).
-        """
-        target = self.target_kept(prompt_len, extra_args)
-        if target is None:
-            return None
-        p = plan(prompt_len, target, block_size)
-        return p if p.compressed else None
+
+def _interval(value: int | None, default: int, block_size: int) -> int:
+    return value if value is not None else round_to_blocks(default, block_size)

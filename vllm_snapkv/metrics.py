@@ -34,12 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
-    KVConnectorPromMetrics,
-    KVConnectorStats,
-)
+from vllm_snapkv import vllm_seam as seam
 
-from vllm_snapkv.placement import Placement
+from vllm_snapkv.schedule import Compaction, Schedule
 
 #: Connector class name (MultiConnector keys stats and metrics by it) and module.
 CONNECTOR_NAME = "SnapKVConnector"
@@ -58,17 +55,23 @@ M_EVICTED = "vllm:snapkv_evicted_tokens"
 M_FREED = "vllm:snapkv_freed_blocks"
 M_SELECTION = "vllm:snapkv_selection_seconds"
 M_SAVED = "vllm:snapkv_blocks_saved"
+M_COMPACTIONS = "vllm:snapkv_compactions"
 
 #: Why a finished request was not compressed (label ``reason`` of the skipped counter).
 SKIP_OPTED_OUT = "opted_out"  # vllm_xargs kv_compression=none
 SKIP_FITS = "fits_budget"  # prompt within budget / under min_prompt / surplus < one block
-SKIP_NOT_COMPACTED = "not_compacted"  # had a placement, finished/aborted before its prefill ended
+SKIP_NOT_COMPACTED = "not_compacted"  # had compactions scheduled, finished before the first ran
 SKIP_REASONS = (SKIP_OPTED_OUT, SKIP_FITS, SKIP_NOT_COMPACTED)
 
 RATIO_BUCKETS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 FACTOR_BUCKETS = [1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0]
+COMPACTION_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
 SELECTION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0]
+
+
+KVConnectorPromMetrics = seam.get("KVConnectorPromMetrics")
+KVConnectorStats = seam.get("KVConnectorStats")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,22 +79,32 @@ SELECTION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 # ---------------------------------------------------------------------------------------------
 
 
-def request_summary(prompt_len: int, placement: Placement | None, compacted: bool) -> dict:
+def request_summary(prompt_len: int, schedule: Schedule | None, progress: int,
+                    processed: int) -> dict:
     """The ``kv_transfer_params["snapkv"]`` object of one finished request.
 
-    ``ratio`` is kept/prompt tokens (1.0 when the prompt was left whole); ``kept_tokens`` is per
-    KV head.
+    ``progress``: tokens processed up to the last compaction that ran (compactions re-run after
+    a preemption count once); ``processed``: tokens processed in all. ``kept_tokens`` is per KV
+    head, after the prompt phase (the prompt when it was left whole); ``evicted_tokens`` and
+    ``freed_blocks`` count every compaction (prefill, prompt, decode); ``final_kept_tokens`` is
+    what the request attended at its end; ``ratio`` is ``kept_tokens / prompt_tokens``.
     """
-    if placement is not None and compacted:
-        kept, freed = placement.kept, placement.freed_blocks
-    else:
-        kept, freed = prompt_len, 0
+    evicted = schedule.evicted_at(progress) if schedule is not None else 0
+    done = schedule.compactions_done(progress) if schedule is not None else 0
+    kept = prompt_len
+    if schedule is not None and progress >= prompt_len:
+        kept = prompt_len - schedule.evicted_at(prompt_len)
+    bs = schedule.block_size if schedule is not None else 1
+    total = max(processed, progress)
     return {
-        "compressed": bool(freed),
+        "compressed": bool(done),
+        "method": schedule.method if schedule is not None else None,
         "prompt_tokens": int(prompt_len),
         "kept_tokens": int(kept),
-        "evicted_tokens": int(prompt_len - kept),
-        "freed_blocks": int(freed),
+        "evicted_tokens": int(evicted),
+        "freed_blocks": int(evicted // bs),
+        "compactions": int(done),
+        "final_kept_tokens": int(max(0, total - evicted)),
         "ratio": (kept / prompt_len) if prompt_len else 1.0,
     }
 
@@ -110,8 +123,11 @@ def merge_kv_transfer_params(params: dict | None, summary: dict) -> dict:
 
 def empty_data() -> dict[str, Any]:
     return {
-        # one [prompt_len, kept, freed_blocks] per request compressed (first compaction only)
+        # one [prompt_len, kept, method, compactions] per finished request that compacted
         "compressed": [],
+        # phase -> tokens evicted per KV head / blocks freed (each compaction counted once)
+        "evicted": {},
+        "freed": {},
         # reason -> count of finished requests that were not compressed
         "skipped": {},
         # request id -> selection seconds (worker side; max over workers)
@@ -121,15 +137,20 @@ def empty_data() -> dict[str, Any]:
     }
 
 
+def _add_counts(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(a or {})
+    for key, n in (b or {}).items():
+        out[key] = out.get(key, 0) + n
+    return out
+
+
 def aggregate_data(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     """Combine two payloads: lists concatenate, counts add, per-request times take the max (the
     same request timed by several tensor-parallel workers), the gauge takes the later value."""
     out = empty_data()
     out["compressed"] = list(a.get("compressed") or []) + list(b.get("compressed") or [])
-    skipped = dict(a.get("skipped") or {})
-    for reason, n in (b.get("skipped") or {}).items():
-        skipped[reason] = skipped.get(reason, 0) + n
-    out["skipped"] = skipped
+    for key in ("evicted", "freed", "skipped"):
+        out[key] = _add_counts(a.get(key), b.get(key))
     sel = dict(a.get("selection_s") or {})
     for rid, s in (b.get("selection_s") or {}).items():
         sel[rid] = max(sel.get(rid, 0.0), s)
@@ -140,7 +161,7 @@ def aggregate_data(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]
 
 
 def data_is_empty(data: Mapping[str, Any]) -> bool:
-    return (not data.get("compressed") and not data.get("skipped")
+    return (not data.get("compressed") and not data.get("skipped") and not data.get("evicted")
             and not data.get("selection_s") and data.get("blocks_saved") is None)
 
 
@@ -167,7 +188,7 @@ class SnapKVStats(KVConnectorStats):
             "SnapKV compressed": len(comp),
             "skipped": int(sum((self.data.get("skipped") or {}).values())),
             "kept ratio": round(kept / prompt, 4) if prompt else 1.0,
-            "freed blocks": int(sum(c[2] for c in comp)),
+            "freed blocks": int(sum((self.data.get("freed") or {}).values())),
             "avg selection ms": round(1000 * sum(sel) / len(sel), 2) if sel else 0.0,
         }
         if self.data.get("blocks_saved") is not None:
@@ -186,41 +207,55 @@ class SnapKVStats(KVConnectorStats):
 class StatsRecorder:
     """Scheduler-side accumulator, drained once per step by the connector's scheduler side.
 
-    The scheduler calls :meth:`compacted` when a request's head blocks are freed (counted once per
-    request even if a preempted request is compacted again), :meth:`released` when the request
-    stops holding its blocks (finished, aborted or preempted), and :meth:`finished` once per
-    finished request.
+    The scheduler calls :meth:`compacted` when compactions of a request have run and their
+    blocks are freed (each compaction counted once, even when a preempted request runs it again),
+    :meth:`released` when the request stops holding its blocks (finished, aborted or preempted),
+    and :meth:`finished` once per finished request.
     """
 
     def __init__(self) -> None:
         self._pending = empty_data()
-        self._counted: set[str] = set()  # requests whose compression is already counted
-        self._holding: dict[str, int] = {}  # live compacted request -> freed blocks
+        self._progress: dict[str, int] = {}  # request -> `at` of its last counted compaction
+        self._holding: dict[str, int] = {}  # live request -> blocks its compactions freed
         self._saved_sent: int | None = None
 
     # -- events -------------------------------------------------------------------------------
 
-    def compacted(self, request_id: str, placement: Placement) -> None:
-        self._holding[request_id] = placement.freed_blocks
-        if request_id not in self._counted:
-            self._counted.add(request_id)
-            self._pending["compressed"].append(
-                [placement.prompt_len, placement.kept, placement.freed_blocks])
+    def compacted(self, request_id: str, compactions: list[Compaction], block_size: int) -> None:
+        if not compactions:
+            return
+        self._holding[request_id] = compactions[-1].evicted // block_size
+        progress = self._progress.get(request_id, 0)
+        for c in compactions:
+            if c.at <= progress:
+                continue  # re-run after a preemption: counted already
+            ev = self._pending["evicted"]
+            ev[c.phase] = ev.get(c.phase, 0) + c.evicted - c.prior
+            fr = self._pending["freed"]
+            fr[c.phase] = fr.get(c.phase, 0) + c.freed_blocks(block_size)
+            progress = c.at
+        self._progress[request_id] = progress
 
     def released(self, request_id: str) -> None:
         self._holding.pop(request_id, None)
 
-    def finished(self, request_id: str, skip_reason: str | None) -> None:
+    def finished(self, request_id: str, summary: dict, skip_reason: str | None) -> None:
+        """A request finished; ``summary`` is its :func:`request_summary`."""
         self.released(request_id)
-        self._counted.discard(request_id)
-        if skip_reason is not None:
+        self._progress.pop(request_id, None)
+        if summary["compressed"]:
+            self._pending["compressed"].append(
+                [summary["prompt_tokens"], summary["kept_tokens"], summary["method"],
+                 summary["compactions"]])
+        elif skip_reason is not None:
             sk = self._pending["skipped"]
             sk[skip_reason] = sk.get(skip_reason, 0) + 1
 
     # -- reads --------------------------------------------------------------------------------
 
-    def was_compacted(self, request_id: str) -> bool:
-        return request_id in self._counted
+    def progress(self, request_id: str) -> int:
+        """``at`` of the request's last counted compaction (0: none)."""
+        return self._progress.get(request_id, 0)
 
     @property
     def blocks_saved(self) -> int:
@@ -235,10 +270,6 @@ class StatsRecorder:
             self._saved_sent = saved
         return None if data_is_empty(data) else SnapKVStats(data=data)
 
-    def resend_gauge(self) -> None:
-        """Make the next :meth:`take` carry the gauge even if unchanged."""
-        self._saved_sent = None
-
 
 # ---------------------------------------------------------------------------------------------
 # Worker side: selection time
@@ -248,8 +279,8 @@ class StatsRecorder:
 class SelectionTimer:
     """Per-request SnapKV selection time (scoring + top-k), summed over layers.
 
-    Registers :meth:`add` as a selection observer of :mod:`vllm_snapkv.backends.core` (whose
-    ``compact_row`` reports each layer's selection time), so generation itself is untouched.
+    Registers :meth:`add` as a selection observer of :mod:`vllm_snapkv.backends.compaction`
+    (whose ``compact`` reports each layer's selection time), so generation itself is untouched.
     Installed once per worker process by the connector's worker side; :meth:`take` is called at
     the end of every step.
     """
@@ -265,10 +296,10 @@ class SelectionTimer:
         """The process's timer, registered with the backends' core on first call."""
         with cls._lock:
             if cls._installed is None:
-                from vllm_snapkv.backends import core
+                from vllm_snapkv.backends import compaction
 
                 timer = cls()
-                core.add_selection_observer(timer.add)
+                compaction.add_selection_observer(timer.add)
                 cls._installed = timer
             return cls._installed
 
@@ -290,72 +321,99 @@ class SelectionTimer:
 
 
 class SnapKVPromMetrics(KVConnectorPromMetrics):
-    """The ``vllm:snapkv_*`` series, labelled ``model_name`` and ``engine`` like vLLM's own."""
+    """The ``vllm:snapkv_*`` series, labelled ``model_name`` and ``engine`` like vLLM's own, plus
+    ``method`` (per-request series), ``phase`` (evictions) or ``reason`` (skips)."""
 
     def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
                  per_engine_labelvalues: dict[int, list[object]]) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        pe = per_engine_labelvalues
-
-        def per_engine(metric: Any) -> dict[int, Any]:
-            return {idx: metric.labels(*vals) for idx, vals in pe.items()}
-
-        self.ratio = per_engine(self._histogram_cls(
-            name=M_RATIO, labelnames=labelnames, buckets=RATIO_BUCKETS,
-            documentation="Per compressed request: prompt tokens kept per KV head / prompt "
-                          "tokens (SnapKV)."))
-        self.factor = per_engine(self._histogram_cls(
-            name=M_FACTOR, labelnames=labelnames, buckets=FACTOR_BUCKETS,
-            documentation="Per compressed request: prompt tokens / kept tokens (SnapKV "
-                          "compression factor, the inverse of the ratio)."))
-        self.compressed = per_engine(self._counter_cls(
-            name=M_COMPRESSED, labelnames=labelnames,
-            documentation="Requests whose prompt KV was compressed by SnapKV."))
-        skipped = self._counter_cls(
+        self._values = per_engine_labelvalues
+        by_method = [*labelnames, "method"]
+        by_phase = [*labelnames, "phase"]
+        self.ratio = self._histogram_cls(
+            name=M_RATIO, labelnames=by_method, buckets=RATIO_BUCKETS,
+            documentation="Per compressed request: prompt tokens kept per KV head after the "
+                          "prompt phase / prompt tokens.")
+        self.factor = self._histogram_cls(
+            name=M_FACTOR, labelnames=by_method, buckets=FACTOR_BUCKETS,
+            documentation="Per compressed request: prompt tokens / prompt tokens kept (the "
+                          "compression factor, the inverse of the ratio).")
+        self.compactions = self._histogram_cls(
+            name=M_COMPACTIONS, labelnames=by_method, buckets=COMPACTION_BUCKETS,
+            documentation="Per compressed request: compactions it ran (while its prompt was "
+                          "read, at its end, during decode).")
+        self.compressed = self._counter_cls(
+            name=M_COMPRESSED, labelnames=by_method,
+            documentation="Finished requests whose KV was compacted at least once.")
+        self.skipped = self._counter_cls(
             name=M_SKIPPED, labelnames=[*labelnames, "reason"],
-            documentation="Finished requests whose prompt KV was not compressed, by reason "
+            documentation="Finished requests whose KV was never compacted, by reason "
                           "(opted_out, fits_budget, not_compacted).")
-        self.skipped = {idx: {r: skipped.labels(*vals, r) for r in SKIP_REASONS}
-                        for idx, vals in pe.items()}
-        self.prompt_tokens = per_engine(self._counter_cls(
-            name=M_PROMPT_TOKENS, labelnames=labelnames,
-            documentation="Prompt tokens of SnapKV-compressed requests."))
-        self.kept_tokens = per_engine(self._counter_cls(
-            name=M_KEPT_TOKENS, labelnames=labelnames,
-            documentation="Prompt tokens kept per KV head by SnapKV-compressed requests."))
-        self.evicted = per_engine(self._counter_cls(
-            name=M_EVICTED, labelnames=labelnames,
-            documentation="Prompt tokens evicted per KV head by SnapKV."))
-        self.freed = per_engine(self._counter_cls(
-            name=M_FREED, labelnames=labelnames,
-            documentation="KV-cache blocks returned to the pool by SnapKV compaction."))
-        self.selection = per_engine(self._histogram_cls(
+        self.prompt_tokens = self._counter_cls(
+            name=M_PROMPT_TOKENS, labelnames=by_method,
+            documentation="Prompt tokens of compressed requests.")
+        self.kept_tokens = self._counter_cls(
+            name=M_KEPT_TOKENS, labelnames=by_method,
+            documentation="Prompt tokens kept per KV head after the prompt phase, by compressed "
+                          "requests.")
+        self.evicted = self._counter_cls(
+            name=M_EVICTED, labelnames=by_phase,
+            documentation="Tokens evicted per KV head by compactions, by phase (prefill, "
+                          "prompt, decode).")
+        self.freed = self._counter_cls(
+            name=M_FREED, labelnames=by_phase,
+            documentation="KV-cache blocks returned to the pool by compactions, by phase.")
+        self.selection = self._histogram_cls(
             name=M_SELECTION, labelnames=labelnames, buckets=SELECTION_BUCKETS,
-            documentation="Per compressed request: SnapKV token-selection time, summed over "
-                          "layers, in the worker."))
-        self.saved = per_engine(self._gauge_cls(
+            documentation="Per request and step: token-selection time, summed over layers, in "
+                          "the worker.")
+        self.saved = self._gauge_cls(
             name=M_SAVED, labelnames=labelnames, multiprocess_mode="mostrecent",
-            documentation="KV-cache blocks running requests do not hold thanks to SnapKV "
-                          "(freed head blocks of live compressed requests)."))
+            documentation="KV-cache blocks running requests do not hold thanks to compaction "
+                          "(freed blocks of live requests).")
+        # Every series exists (at 0) from the start, as vLLM's own do: dashboards and alerts
+        # see a known label set instead of series that appear on first use.
+        from vllm_snapkv.methods import method_names
+        from vllm_snapkv.schedule import PHASES
+
+        for idx in per_engine_labelvalues:
+            for method in method_names():
+                for metric in (self.ratio, self.factor, self.compactions, self.compressed,
+                               self.prompt_tokens, self.kept_tokens):
+                    self._child(metric, idx, method)
+            for phase in PHASES:
+                self._child(self.evicted, idx, phase)
+                self._child(self.freed, idx, phase)
+            for reason in SKIP_REASONS:
+                self._child(self.skipped, idx, reason)
+            self._child(self.selection, idx)
+            self._child(self.saved, idx)
+
+    def _child(self, metric: Any, engine_idx: int, *extra: object) -> Any:
+        return metric.labels(*self._values[engine_idx], *extra)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         data = transfer_stats_data
-        for prompt_len, kept, freed in data.get("compressed") or []:
-            self.ratio[engine_idx].observe(kept / prompt_len)
-            self.factor[engine_idx].observe(prompt_len / kept)
-            self.compressed[engine_idx].inc()
-            self.prompt_tokens[engine_idx].inc(prompt_len)
-            self.kept_tokens[engine_idx].inc(kept)
-            self.evicted[engine_idx].inc(prompt_len - kept)
-            self.freed[engine_idx].inc(freed)
+        for prompt_len, kept, method, compactions in data.get("compressed") or []:
+            self._child(self.ratio, engine_idx, method).observe(kept / prompt_len)
+            self._child(self.factor, engine_idx, method).observe(prompt_len / kept)
+            self._child(self.compactions, engine_idx, method).observe(compactions)
+            self._child(self.compressed, engine_idx, method).inc()
+            self._child(self.prompt_tokens, engine_idx, method).inc(prompt_len)
+            self._child(self.kept_tokens, engine_idx, method).inc(kept)
+        for phase, n in (data.get("evicted") or {}).items():
+            if n:
+                self._child(self.evicted, engine_idx, phase).inc(n)
+        for phase, n in (data.get("freed") or {}).items():
+            if n:
+                self._child(self.freed, engine_idx, phase).inc(n)
         for reason, n in (data.get("skipped") or {}).items():
-            child = self.skipped[engine_idx].get(reason)
-            if child is not None and n:
-                child.inc(n)
+            if reason in SKIP_REASONS and n:
+                self._child(self.skipped, engine_idx, reason).inc(n)
         for seconds in (data.get("selection_s") or {}).values():
-            self.selection[engine_idx].observe(seconds)
+            self._child(self.selection, engine_idx).observe(seconds)
         if data.get("blocks_saved") is not None:
-            self.saved[engine_idx].set(data["blocks_saved"])
+            self._child(self.saved, engine_idx).set(data["blocks_saved"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,38 +481,61 @@ def composed_kv_transfer_config(user: Any) -> dict[str, Any]:
             "kv_connector_extra_config": {"connectors": [child, snapkv_connector_dict()]}}
 
 
-#: The KV connectors vLLM 0.32 bundles (``kv_connector/factory.py``) apart from ``MultiConnector``.
-#: Each moves prompt KV, which compression cannot share: loading a prompt's KV into a request
-#: skips the prefill whose last queries SnapKV needs (the engine stops, as measured with
-#: ``ExampleConnector``), and saving or sending it at or after the end of prefill reads the
-#: compacted tail ``[E, N)`` or the freed head blocks (``ExampleConnector`` stores the compacted
-#: tail under the whole prompt's hash, so a later load would inject it into another request).
-VLLM_KV_CONNECTORS = frozenset({
-    "DecodeBenchConnector", "ExampleConnector", "ExampleHiddenStatesConnector",
-    "FlexKVConnectorV1", "HF3FSKVConnector", "HiSparseConnector", "LMCacheConnectorV1",
-    "LMCacheMPConnector", "MoRIIOConnector", "MooncakeConnector", "MooncakeStoreConnector",
-    "NixlConnector", "NixlPullConnector", "NixlPushConnector", "OffloadingConnector",
-    "SimpleCPUOffloadConnector",
-})
+#: The connector hooks that move KV: loading external KV into a request, saving a layer's KV.
+TRANSFER_HOOKS = ("get_num_new_matched_tokens", "start_load_kv", "save_kv_layer")
 
 
-def _prompt_kv_movers(cfg: Mapping[str, Any]) -> list[str]:
-    """Connectors in ``cfg`` (a connector dict, MultiConnector children included) named like one
-    of vLLM's: also when loaded from another module (LMCache ships its ``LMCacheConnectorV1``
-    that way), since a connector of that name is that connector or a variant of it."""
-    name = cfg.get("kv_connector")
-    if name == "MultiConnector":
+def _connector_entries(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The connectors a ``--kv-transfer-config`` dict configures (MultiConnector children
+    included), as connector dicts."""
+    if cfg.get("kv_connector") == "MultiConnector":
         extra = cfg.get("kv_connector_extra_config") or {}
-        return [n for child in extra.get("connectors") or [] for n in _prompt_kv_movers(child)]
-    return [name] if name in VLLM_KV_CONNECTORS else []
+        return [e for child in extra.get("connectors") or [] for e in _connector_entries(child)]
+    return [dict(cfg)]
+
+
+def moves_kv(entry: Mapping[str, Any]) -> str | None:
+    """Why the connector ``entry`` (a connector dict) may move KV, or ``None`` when it cannot.
+
+    Judged by what its class does, not by its name: a connector that inherits every KV-moving
+    hook (:data:`TRANSFER_HOOKS`) from :class:`~vllm_snapkv.metrics_connector.NoTransferConnector`
+    moves none; any other implementation of them (vLLM's NIXL, LMCache, offloading, example,
+    Mooncake, UMBP connectors, ...) may load prompt KV into a request or save it, which
+    compression cannot share. A connector class that cannot be loaded is judged as moving KV.
+    """
+    from vllm_snapkv.metrics_connector import NoTransferConnector
+
+    name = entry.get("kv_connector")
+    if name == CONNECTOR_NAME:
+        return None
+    try:
+        cls = _connector_class(entry)
+    except Exception as exc:  # noqa: BLE001 - any failure to load means we cannot vouch for it
+        return f"{name} (its class could not be loaded: {exc})"
+    overridden = [h for h in TRANSFER_HOOKS
+                  if getattr(cls, h, None) is not getattr(NoTransferConnector, h)]
+    if overridden:
+        return f"{name} (implements {', '.join(overridden)})"
+    return None
+
+
+def _connector_class(entry: Mapping[str, Any]) -> type:
+    import importlib
+
+    name = entry["kv_connector"]
+    module_path = entry.get("kv_connector_module_path")
+    if module_path:
+        return getattr(importlib.import_module(module_path), name)
+    from vllm_snapkv import vllm_seam as seam
+
+    return seam.get("KVConnectorFactory.get_connector_class_by_name")(name)
 
 
 def check_kv_transfer(engine_args: Any) -> None:
     """Refuse (``ValueError``, one line naming the flag) KV-transfer settings that cannot work
-    with compression on: ``--kv-offloading-size`` (vLLM's offloading connector) and any of
-    vLLM's own connectors in ``--kv-transfer-config`` (see :data:`VLLM_KV_CONNECTORS`). Other
-    connectors (your own, from ``kv_connector_module_path``) are composed: the plugin cannot see
-    what they do, so they must not load or save prompt KV (``docs/observability.md``).
+    with compression on: ``--kv-offloading-size`` (vLLM's offloading connector) and any
+    connector in ``--kv-transfer-config`` that may move KV (:func:`moves_kv`). Connectors that
+    move none (derived from ``NoTransferConnector``) are composed with the SnapKV connector.
     """
     if getattr(engine_args, "kv_offloading_size", None) is not None:
         raise ValueError(
@@ -462,22 +543,25 @@ def check_kv_transfer(engine_args: Any) -> None:
             "offloading connector saves prompt KV after SnapKV compacted it and loads it into "
             "requests whose prefill SnapKV then cannot see; use one or the other")
     user = engine_args.kv_transfer_config
-    movers = _prompt_kv_movers(_ktc_to_dict(user)) if user is not None else []
+    if user is None:
+        return
+    movers = [why for e in _connector_entries(_ktc_to_dict(user))
+              if e.get("kv_connector") and (why := moves_kv(e)) is not None]
     if movers:
         raise ValueError(
-            f"--kv-transfer-config with {', '.join(movers)} cannot be combined with "
-            "--kv-compression snapkv: vLLM's KV connectors save or send prompt KV after SnapKV "
-            "compacted it (other requests would load corrupted KV) and load prompt KV into "
-            "requests whose prefill SnapKV then cannot see (the engine stops); use one or the "
-            "other")
+            f"--kv-transfer-config with {'; '.join(movers)} cannot be combined with "
+            "--kv-compression: a connector that moves KV would save prompt KV after a "
+            "compaction rewrote it (other requests would load corrupted KV) or load prompt KV "
+            "into requests whose prefill compression then cannot see; use one or the other (a "
+            "connector that moves no KV may derive from "
+            "vllm_snapkv.metrics_connector.NoTransferConnector)")
 
 
 def wire(engine_args: Any) -> None:
     """Add the SnapKV metrics connector to ``engine_args`` (compression on), after
     :func:`check_kv_transfer`. ``--disable-log-stats`` is left alone (then nothing is exported,
     as for vLLM's own metrics)."""
-    from vllm.config import KVTransferConfig
-
+    KVTransferConfig = seam.get("KVTransferConfig")
     check_kv_transfer(engine_args)
     if engine_args.kv_transfer_config is None:
         keep_cpu_core_reservation(engine_args)
@@ -499,11 +583,10 @@ def keep_cpu_core_reservation(engine_args: Any) -> None:
     vanilla). So, unless the user set the variable, pin it to vanilla's reservation: one core per
     local rank on x86/ARM/RISC-V (vLLM's default), else one.
     """
-    from vllm.platforms import current_platform
-
+    current_platform = seam.get("current_platform")
     if not current_platform.is_cpu() or CPU_RESERVED_ENV in os.environ:
         return
-    from vllm.platforms.interface import CpuArchEnum
+    CpuArchEnum = seam.get("CpuArchEnum")
 
     ranks = int(getattr(engine_args, "tensor_parallel_size", 1) or 1) * \
         int(getattr(engine_args, "pipeline_parallel_size", 1) or 1)
@@ -518,7 +601,7 @@ def find_connector(connector: Any) -> Any:
         return None
     if type(connector).__name__ == CONNECTOR_NAME:
         return connector
-    for child in getattr(connector, "_connectors", None) or []:
+    for child in getattr(connector, "sub_connectors", None) or []:
         found = find_connector(child)
         if found is not None:
             return found

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-    SupportsHMA,
-)
-
 from vllm_snapkv import metrics
+from vllm_snapkv import vllm_seam as seam
+
+KVConnectorFactory = seam.get("KVConnectorFactory")
+KVConnectorBase_V1 = seam.get("KVConnectorBase_V1")
+KVConnectorMetadata = seam.get("KVConnectorMetadata")
+KVConnectorRole = seam.get("KVConnectorRole")
+SupportsHMA = seam.get("SupportsHMA")
 
 
 class SnapKVConnectorMetadata(KVConnectorMetadata):
@@ -115,6 +114,8 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
 
 # MultiConnector rebuilds children's stats by class name in the API server; the module is
 # imported there (through kv_connector_module_path) before any stats arrive.
-if metrics.CONNECTOR_NAME not in KVConnectorFactory._registry:
+try:
+    KVConnectorFactory.get_connector_class_by_name(metrics.CONNECTOR_NAME)
+except ValueError:  # not registered yet in this process
     KVConnectorFactory.register_connector(metrics.CONNECTOR_NAME, __name__,
                                           metrics.CONNECTOR_NAME)

@@ -12,8 +12,8 @@ can hide that for a long time (see ``DESIGN.md``, "Pitfall ...").
 So nothing here assumes a layout. :func:`probe_cpu_layout` lets the backend's own write op
 (``ops.cpu_attn_reshape_and_cache``) store coded probe values into a scratch cache and records,
 for every (token-in-block ``t``, dimension ``d``), the element offset where K and V land inside a
-(block, head) region. The result, a :class:`TokenLayout`, drives :func:`read_kv`,
-:func:`write_kv` and :func:`compact`. When the offsets turn out affine in ``(t, d)`` (true for
+(block, head) region. The result, a :class:`TokenLayout`, drives :func:`read_kv` and
+:func:`write_kv` (and through them :func:`vllm_snapkv.backends.compaction.move_kept`). When the offsets turn out affine in ``(t, d)`` (true for
 ``vec``/``vec16``) the accessors use a strided view of the cache and row gathers; otherwise they
 gather/scatter element by element through the offset tables (exercised by the ``amx`` packing).
 
@@ -45,7 +45,6 @@ import torch
 
 __all__ = [
     "TokenLayout",
-    "compact",
     "layout_for_cache",
     "probe_cpu_layout",
     "read_kv",
@@ -129,7 +128,9 @@ def probe_cpu_layout(head_size: int, block_size: int, dtype: torch.dtype, isa: s
     region's elements and its ``2 * block_size * head_size`` (K/V, t, d) triples), and that all
     regions agree, before returning the offset tables. Cached per argument tuple.
     """
-    from vllm import _custom_ops as ops  # lazy: importing vLLM is heavy and needs its C ops
+    from vllm_snapkv import vllm_seam as seam  # lazy: importing vLLM is heavy
+
+    reshape_and_cache = seam.get("cpu_attn_reshape_and_cache")
 
     bs, D = int(block_size), int(head_size)
     H, num_logical, num_physical = 2, 2, 3
@@ -149,8 +150,8 @@ def probe_cpu_layout(head_size: int, block_size: int, dtype: torch.dtype, isa: s
         value = vals[:, :, 1].permute(1, 2, 0, 3).reshape(num_logical * bs, H, D).to(dtype)
         kv = torch.zeros(num_physical, H, bs, 2 * D, dtype=dtype)
         key_cache, value_cache = kv.view(num_physical, H, 2 * bs, D).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(key.contiguous(), value.contiguous(), key_cache,
-                                       value_cache, slots, isa)
+        reshape_and_cache(key.contiguous(), value.contiguous(), key_cache, value_cache, slots,
+                          isa)
         got = kv.view(num_physical, H, region).to(torch.float64)
         digit_vals = got.round().to(torch.int64)
         if not torch.equal(got, digit_vals.to(torch.float64)) or (digit_vals < 0).any() or (
@@ -276,7 +277,7 @@ def read_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, positions: torch.Te
     ``block_ids`` is the request's block table (logical block i -> physical block id, 1-D).
     ``positions`` is ``[n]`` (same positions for every KV head) or ``[H, n]`` (per head). Returns
     fresh tensors (copies) in the cache dtype — so the caller may overwrite the source slots
-    afterwards, which :func:`compact` relies on.
+    afterwards, which compaction relies on.
     """
     _, H = _check_cache(kv_cache, layout)
     blk, heads, tok, _ = _indices(block_ids, positions, H, layout.block_size)
@@ -304,32 +305,3 @@ def write_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, positions: torch.T
              keys.to(kv_cache.dtype))
     _scatter(kv_cache, layout.v_offsets, layout.v_affine, layout, blk, heads, tok,
              values.to(kv_cache.dtype))
-
-
-def compact(kv_cache: torch.Tensor, block_ids: torch.Tensor, kept: torch.Tensor, dest_start: int,
-            layout: TokenLayout) -> int:
-    """Move, per KV head ``h``, the tokens at ``kept[h]`` to logical slots
-    ``dest_start .. dest_start + k - 1`` of the same request (K and V), in place.
-
-    ``kept`` is ``[H, k]``, sorted ascending per head, distinct within a head. Source and
-    destination ranges may overlap (with the tail placement ``dest_start + k == N`` they always
-    do): everything that moves is read into fresh tensors before anything is written. Columns
-    ``j`` where every head already has ``kept[h, j] == dest_start + j`` (with the tail
-    placement: the observation window, and any fully kept suffix) are identity moves and are
-    skipped; skipping them cannot clobber a source, since they are neither read nor written.
-
-    Returns the number of columns (tokens per head) actually moved.
-    """
-    _, H = _check_cache(kv_cache, layout)
-    kept = kept.to(torch.int64)
-    if kept.dim() != 2 or kept.shape[0] != H:
-        raise ValueError(f"kept must be [H={H}, k], got {tuple(kept.shape)}")
-    k = kept.shape[1]
-    dest = torch.arange(dest_start, dest_start + k, dtype=torch.int64)
-    moving = (kept != dest[None, :]).any(dim=0).nonzero().flatten()
-    if moving.numel() == 0:
-        return 0
-    lo, hi = int(moving[0]), int(moving[-1]) + 1
-    keys, values = read_kv(kv_cache, block_ids, kept[:, lo:hi], layout)
-    write_kv(kv_cache, block_ids, dest[lo:hi], keys, values, layout)
-    return hi - lo

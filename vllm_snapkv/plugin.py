@@ -10,7 +10,8 @@ methods:
   with compression on, KV connectors it cannot share prompt KV with) at start-up with a
   message naming the flag;
 * ``create_engine_config`` — for every way of starting an engine (CLI, ``LLM(...)``, YAML),
-  validates ``additional_config`` and, when compression is on, wires in what it needs (the
+  validates ``additional_config`` and, when compression is on, checks the vLLM internals the
+  plugin relies on (:func:`vllm_snapkv.vllm_seam.verify`) and wires in what it needs (the
   per-request validator, the scheduler and the worker, the metrics connector, the summary in
   streaming responses), so the user types nothing but the flags.
 """
@@ -23,6 +24,7 @@ import os
 from typing import Any
 
 from vllm_snapkv import cli, streaming
+from vllm_snapkv import vllm_seam as seam
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.settings import SettingsError
 
@@ -69,9 +71,7 @@ def _prepare_engine_env() -> None:
     built (async scheduling, batch queue size, ...) and again in every worker, which inherit
     this process's environment; so the variable is set here, before, rather than afterwards.
     """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda():
+    if not seam.get("current_platform").is_cuda():
         return
     value = os.environ.get(V2_RUNNER_ENV)
     if value is None:
@@ -84,10 +84,15 @@ def _prepare_engine_env() -> None:
 
 def _wire_vllm_config(vllm_config: Any) -> None:
     """Point the engine at the plugin's scheduler, worker and (CUDA) attention backend."""
-    from vllm.platforms import current_platform
-
     from vllm_snapkv.scheduler import scheduler_class_for
 
+    current_platform = seam.get("current_platform")
+    try:
+        CompressionConfig.from_vllm_config(vllm_config).check_block_size(
+            int(vllm_config.cache_config.block_size or 0)
+            or _default_block_size(current_platform))
+    except SettingsError as err:
+        raise ValueError(cli.error_message(err)) from None
     if current_platform.is_cpu():
         allowed, worker = (CPU_WORKER, WORKER), WORKER
     elif current_platform.is_cuda():
@@ -113,9 +118,9 @@ def _wire_cuda(vllm_config: Any) -> None:
     """CUDA: FlashAttention-based ``CUSTOM`` backend, unquantized KV cache, V1 model runner.
 
     Not run on a GPU yet (``docs/cuda.md``)."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
     from vllm_snapkv.worker import install_cuda_backend
+
+    AttentionBackendEnum = seam.get("AttentionBackendEnum")
 
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if cache_dtype not in ("auto", "float16", "bfloat16", "half", "float", "float32"):
@@ -143,8 +148,13 @@ def _wire_cuda(vllm_config: Any) -> None:
     att.backend = AttentionBackendEnum.CUSTOM
 
 
+def _default_block_size(current_platform: Any) -> int:
+    """The KV block size vLLM uses when none is configured: 128 on CPU, 16 elsewhere."""
+    return 128 if current_platform.is_cpu() else 16
+
+
 def _patch_engine_args() -> None:
-    from vllm.engine.arg_utils import EngineArgs
+    EngineArgs = seam.get("EngineArgs")
 
     original_add = EngineArgs.add_cli_args
     original_from = EngineArgs.from_cli_args.__func__  # type: ignore[attr-defined]
@@ -159,9 +169,12 @@ def _patch_engine_args() -> None:
             engine_args.additional_config = cli.fold_cli_args(
                 args, dict(engine_args.additional_config or {})
             )
+            config = CompressionConfig.from_additional_config(engine_args.additional_config)
+            config.check_block_size(getattr(args, "block_size", None)
+                                    or _default_block_size(seam.get("current_platform")))
         except SettingsError as err:
             raise cli.startup_error(err) from None
-        if CompressionConfig.from_additional_config(engine_args.additional_config).enabled:
+        if config.enabled:
             from vllm_snapkv import metrics
 
             try:
@@ -176,9 +189,11 @@ def _patch_engine_args() -> None:
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         config = _wire_engine_args(self)
         if config.enabled:
+            seam.verify()  # a vLLM whose internals moved stops here, naming them
             _prepare_engine_env()
             # This runs in every API-server process (each builds its engine client here).
-            streaming.install()
+            if not seam.feature("streams_kv_transfer_params"):
+                streaming.install()
         vllm_config = original_create(self, *args, **kwargs)
         if config.enabled:
             _wire_vllm_config(vllm_config)

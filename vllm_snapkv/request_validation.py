@@ -12,18 +12,18 @@ so it can neither crash the engine nor touch another request's KV.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from vllm.exceptions import VLLMValidationError
-from vllm.v1.sample.logits_processor.interface import BatchUpdate, LogitsProcessor
 
+from vllm_snapkv import vllm_seam as seam
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.settings import SettingsError
 
-if TYPE_CHECKING:
-    from vllm import SamplingParams
-    from vllm.config import VllmConfig
+VLLMValidationError = seam.get("VLLMValidationError")
+BatchUpdate = seam.get("BatchUpdate")
+LogitsProcessor = seam.get("LogitsProcessor")
+
 
 #: Qualified name to put in ``--logits-processors``.
 QUALNAME = "vllm_snapkv.request_validation:SnapKVRequestValidator"
@@ -41,9 +41,7 @@ def engine_config() -> CompressionConfig:
     """The engine config recorded in this process, else the one of the current VllmConfig."""
     if _engine_config is not None:
         return _engine_config
-    from vllm.config import get_current_vllm_config_or_none
-
-    current = get_current_vllm_config_or_none()
+    current = seam.get("get_current_vllm_config_or_none")()
     return CompressionConfig.from_vllm_config(current) if current is not None \
         else CompressionConfig.from_additional_config({"kv_compression": "snapkv"})
 
@@ -64,10 +62,10 @@ class SnapKVRequestValidator(LogitsProcessor):
     """A logits processor that changes nothing; it exists for :meth:`validate_params`."""
 
     @classmethod
-    def validate_params(cls, sampling_params: "SamplingParams") -> None:
+    def validate_params(cls, sampling_params: Any) -> None:
         validate_extra_args(engine_config(), sampling_params.extra_args)
 
-    def __init__(self, vllm_config: "VllmConfig", device: torch.device,
+    def __init__(self, vllm_config: Any, device: torch.device,
                  is_pin_memory: bool) -> None:
         pass
 

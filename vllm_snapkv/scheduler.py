@@ -1,94 +1,57 @@
-"""Scheduler side of paged SnapKV: free each compressed prompt's head blocks, keep prefix caching safe.
+"""Scheduler side of paged compression: schedules, chunk cuts, prefix-hit caps, per-request stats.
 
-Each request's :class:`~vllm_snapkv.placement.Placement` is computed once, when the request is
-added, from (prompt length, block size, the request's ``extra_args``) — the same pure function the
-workers evaluate, so both sides agree on E without talking. Then three decisions differ from
-vanilla vLLM, each in one small override:
+Each request's :class:`~vllm_snapkv.schedule.Schedule` is computed once, when the request is
+added, from (prompt length, block size, the request's ``extra_args``) — the same pure function
+the workers evaluate, so both sides agree on every compaction without talking. The SnapKV
+KV-cache managers (:mod:`vllm_snapkv.kv_cache`) read it to free evicted blocks and to keep
+rewritten blocks out of the prefix cache. The scheduler itself overrides three decisions, each in
+one small method:
 
-* **Freeing** (:meth:`SnapKVFullAttentionManager.remove_skipped_blocks`): once every prompt token
-  is processed (the worker has compacted the kept KV into the tail slots [E, N) in the step that
-  completed the prefill), the head blocks [0, E) are swapped for ``null_block`` and return to the
-  pool — the mechanism sliding-window layers use. ``processed_computed_tokens`` excludes in-flight
-  tokens, so under async scheduling nothing is freed before the compaction step has run.
-* **Caching** (:meth:`SnapKVFullAttentionManager.cache_blocks`): blocks from E on hold compacted KV
-  (and later tokens computed over it), so a compressed request never hashes them. Blocks [0, E)
-  are never written after the prompt, so they stay valid prefix-cache entries after being freed.
+* **Chunk cuts** (:meth:`SnapKVSchedulerMixin._reserve_prefill_lookahead`, which vLLM asks for
+  every chunk it schedules): a chunk never runs past the request's next compaction, so each
+  compaction runs at the end of a step, exactly where the schedule puts it — a preempted request
+  that recomputes meets the same compactions, and a prompt compacted while it is read never
+  holds more than its bound.
 * **Prefix hits** (:meth:`SnapKVSchedulerMixin._get_local_prefix_cache_hit`): a compressed request
-  reuses cached blocks only below its own E, so its tail [E, N), which compaction rewrites, is made
-  of blocks it owns alone.
+  reuses cached blocks only below its first compaction's eviction, so the slots compaction
+  rewrites are in blocks it owns alone (through vLLM's own ``max_cache_hit_length`` where it has
+  one).
+* **The end** (``_free_request``): the request's summary joins its ``kv_transfer_params``, and the
+  metrics recorder counts it.
 
-Observability (:mod:`vllm_snapkv.metrics`): the scheduler records each request's first
-compaction, its release and its finish in a :class:`~vllm_snapkv.metrics.StatsRecorder`, which the
-SnapKV metrics connector hands to vLLM's KV-connector stats each step, and it adds the request's
-summary under ``"snapkv"`` to the ``kv_transfer_params`` of its final output.
+Observability (:mod:`vllm_snapkv.metrics`): compactions are counted when their blocks are freed,
+in a :class:`~vllm_snapkv.metrics.StatsRecorder` that the SnapKV metrics connector hands to vLLM's
+KV-connector stats each step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
 from typing import Any
 
-from vllm.logger import init_logger
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.request import Request
-
 from vllm_snapkv import metrics
+from vllm_snapkv import vllm_seam as seam
 from vllm_snapkv.config import CompressionConfig
-from vllm_snapkv.placement import Placement
+from vllm_snapkv.kv_cache import SnapKVFullAttentionManager, register_spec
+from vllm_snapkv.schedule import Compaction, Schedule
 from vllm_snapkv.settings import SettingsError
 
-logger = init_logger("vllm.snapkv")
+Scheduler = seam.get("Scheduler")
+AsyncScheduler = seam.get("AsyncScheduler")
 
-
-class SnapKVFullAttentionManager(FullAttentionManager):
-    """Full attention whose compressed requests drop their head blocks after prefill."""
-
-    #: request id -> placement, shared with (and owned by) the scheduler.
-    placements: dict[str, Placement]
-    #: called once per compaction, when the head blocks have just been freed.
-    on_freed: Callable[[str, Placement], None]
-
-    def remove_skipped_blocks(
-        self,
-        request_id: str,
-        processed_computed_tokens: int,
-        num_prompt_tokens: int | None = None,
-    ) -> None:
-        super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
-        placement = self.placements.get(request_id)
-        if placement is None or processed_computed_tokens < placement.prompt_len:
-            return
-        blocks = self.req_to_blocks.get(request_id)
-        if blocks and blocks[0] is not self._null_block:
-            self._remove_blocks_in_range(request_id, 0, placement.freed_blocks)
-            self.on_freed(request_id, placement)
-
-    def cache_blocks(
-        self,
-        request: Request,
-        num_tokens: int,
-        retention_interval: int | None = None,
-        *,
-        replay_boundaries: Sequence[int],
-    ) -> None:
-        placement = self.placements.get(request.request_id)
-        if placement is not None:
-            num_tokens = min(num_tokens, placement.evicted)
-        super().cache_blocks(request, num_tokens, retention_interval,
-                             replay_boundaries=replay_boundaries)
+# A child of vLLM's own logger, so vLLM's logging configuration (format, level) applies.
+logger = logging.getLogger("vllm.snapkv")
 
 
 class SnapKVSchedulerMixin:
-    """Adds placements to a vLLM scheduler; see the module docstring."""
+    """Adds compaction schedules to a vLLM scheduler; see the module docstring."""
 
     snapkv_config: CompressionConfig
-    snapkv_placements: dict[str, Placement]
+    snapkv_schedules: dict[str, Schedule]
 
     def _snapkv_init(self) -> None:
         self.snapkv_config = CompressionConfig.from_vllm_config(self.vllm_config)
-        self.snapkv_placements = {}
+        self.snapkv_schedules = {}
         self.snapkv_recorder = metrics.StatsRecorder()
         connector = metrics.find_connector(getattr(self, "connector", None))
         if connector is not None:
@@ -97,54 +60,69 @@ class SnapKVSchedulerMixin:
             logger.warning("SnapKV: no SnapKV metrics connector configured; the vllm:snapkv_* "
                            "metrics are not exported (per-request summaries still are)")
         self.snapkv_block_size = self.cache_config.block_size
-        swapped = 0
-        for manager in self.kv_cache_manager.coordinator.single_type_managers:
-            if type(manager) is FullAttentionManager:
-                # Same state, one overridden decision each: turn the instance vLLM built into
-                # our subclass rather than re-creating it with vLLM's private constructor args.
-                manager.__class__ = SnapKVFullAttentionManager
-                manager.placements = self.snapkv_placements
-                manager.on_freed = self._snapkv_on_freed
-                swapped += 1
-        if swapped == 0:
+        managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers
+                    if isinstance(m, SnapKVFullAttentionManager)]
+        if not managers:
             raise RuntimeError(
-                "--kv-compression snapkv needs full-attention KV-cache groups; this model has "
-                "none (sliding-window, Mamba or MLA-only models are not supported)"
-            )
+                "--kv-compression needs full-attention KV-cache groups; this model has none "
+                "(sliding-window, Mamba or MLA-only models are not supported)")
+        for manager in managers:
+            manager.schedules = self.snapkv_schedules
+            manager.on_compacted = self._snapkv_on_compacted
 
-    def _snapkv_on_freed(self, request_id: str, placement: Placement) -> None:
-        self.snapkv_recorder.compacted(request_id, placement)
-        logger.info(
-            "SnapKV compressed request %s: %d -> %d prompt tokens per KV head, %d of %d blocks "
-            "freed", request_id, placement.prompt_len, placement.kept, placement.freed_blocks,
-            placement.prompt_blocks,
-        )
+    def _snapkv_on_compacted(self, request_id: str, done: list[Compaction]) -> None:
+        self.snapkv_recorder.compacted(request_id, done, self.snapkv_block_size)
+        bs = self.snapkv_block_size
+        for c in done:
+            log = logger.info if c.phase == "prompt" else logger.debug
+            log("SnapKV %s compaction of request %s at token %d: %d -> %d tokens per KV head, "
+                "%d blocks freed", c.phase, request_id, c.at, c.attended, c.kept,
+                c.freed_blocks(bs))
 
-    def add_request(self, request: Request) -> None:
+    # ------------------------------------------------------------------ vLLM's decisions
+
+    def add_request(self, request: Any) -> None:
         if request.request_id not in self.requests:
-            placement = self.snapkv_config.placement(
-                request.num_prompt_tokens, self.snapkv_block_size,
-                request.sampling_params.extra_args if request.sampling_params else None,
-            )
-            if placement is not None:
-                self.snapkv_placements[request.request_id] = placement
+            sp = request.sampling_params
+            # Pooling requests (no sampling params) are never compressed.
+            schedule = None if sp is None else self.snapkv_config.schedule(
+                request.num_prompt_tokens, self.snapkv_block_size, sp.extra_args)
+            if schedule is not None:
+                self.snapkv_schedules[request.request_id] = schedule
         super().add_request(request)  # type: ignore[misc]
 
-    def _get_local_prefix_cache_hit(self, request: Request) -> tuple[Any, int, int, bool]:
-        blocks, num_local, boundary, diverged = super()._get_local_prefix_cache_hit(request)  # type: ignore[misc]
-        placement = self.snapkv_placements.get(request.request_id)
-        if placement is not None and num_local > placement.evicted:
-            keep = placement.evicted // placement.block_size
+    def _reserve_prefill_lookahead(self, request: Any, num_computed_tokens: int,
+                                   num_new_tokens: int) -> int:
+        n = super()._reserve_prefill_lookahead(  # type: ignore[misc]
+            request, num_computed_tokens, num_new_tokens)
+        schedule = self.snapkv_schedules.get(request.request_id)
+        if schedule is not None and n > 0:
+            nxt = schedule.next_after(num_computed_tokens)
+            if nxt is not None and num_computed_tokens + n > nxt.at:
+                n = nxt.at - num_computed_tokens
+        return n
+
+    def _get_local_prefix_cache_hit(self, request: Any, *args: Any) -> Any:
+        schedule = self.snapkv_schedules.get(request.request_id)
+        limit = schedule.cache_limit if schedule is not None else None
+        if limit is not None and seam.feature("prefix_hit_cap"):
+            cap = args[0] if args and args[0] is not None else request.num_tokens - 1
+            return super()._get_local_prefix_cache_hit(  # type: ignore[misc]
+                request, min(cap, limit))
+        blocks, num_local, boundary, diverged = super()._get_local_prefix_cache_hit(  # type: ignore[misc]
+            request, *args)
+        if limit is not None and num_local > limit:
+            keep = limit // self.snapkv_block_size
             blocks = type(blocks)(tuple(list(group[:keep]) for group in blocks.blocks))
-            num_local = placement.evicted
+            num_local = limit
             boundary = min(boundary, num_local)
         return blocks, num_local, boundary, diverged
 
-    def _snapkv_skip_reason(self, request: Request, placement: Placement | None,
-                            compacted: bool) -> str | None:
-        if compacted:
+    def _snapkv_skip_reason(self, request: Any, schedule: Schedule | None,
+                            compressed: bool) -> str | None:
+        if compressed:
             return None
-        if placement is not None:
+        if schedule is not None:
             return metrics.SKIP_NOT_COMPACTED
         sp = request.sampling_params
         if sp is None:
@@ -155,42 +133,42 @@ class SnapKVSchedulerMixin:
             opted_out = False
         return metrics.SKIP_OPTED_OUT if opted_out else metrics.SKIP_FITS
 
-    def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
+    def _free_request(self, request: Any, delay_free_blocks: bool = False) -> Any:
         rid = request.request_id
-        placement = self.snapkv_placements.get(rid)
-        compacted = self.snapkv_recorder.was_compacted(rid)
+        schedule = self.snapkv_schedules.get(rid)
+        summary = metrics.request_summary(request.num_prompt_tokens, schedule,
+                                          self.snapkv_recorder.progress(rid),
+                                          request.num_computed_tokens)
         result = super()._free_request(request, delay_free_blocks)  # type: ignore[misc]
-        self.snapkv_placements.pop(rid, None)
-        self.snapkv_recorder.finished(rid, self._snapkv_skip_reason(request, placement,
-                                                                    compacted))
-        summary = metrics.request_summary(request.num_prompt_tokens, placement, compacted)
+        self.snapkv_schedules.pop(rid, None)
+        self.snapkv_recorder.finished(
+            rid, summary, self._snapkv_skip_reason(request, schedule, summary["compressed"]))
         if isinstance(result, tuple) and result:
             return (metrics.merge_kv_transfer_params(result[0], summary), *result[1:])
         return metrics.merge_kv_transfer_params(result, summary)
 
-    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+    def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         # A preempted request holds no blocks until it is recomputed (and compacted again).
         self.snapkv_recorder.released(request.request_id)
         return super()._preempt_request(request, *args, **kwargs)  # type: ignore[misc]
 
-    def snapkv_placement(self, request_id: str) -> Placement | None:
-        """The placement of a live request (``None`` when it is not compressed)."""
-        return self.snapkv_placements.get(request_id)
-
 
 class SnapKVScheduler(SnapKVSchedulerMixin, Scheduler):
-    """vLLM's synchronous scheduler with SnapKV placements (CPU forces synchronous scheduling)."""
+    """vLLM's synchronous scheduler with compaction schedules (CPU forces synchronous
+    scheduling)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        register_spec(vllm_config)
+        super().__init__(vllm_config, *args, **kwargs)
         self._snapkv_init()
 
 
 class SnapKVAsyncScheduler(SnapKVSchedulerMixin, AsyncScheduler):
-    """vLLM's async scheduler with SnapKV placements."""
+    """vLLM's async scheduler with compaction schedules."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        register_spec(vllm_config)
+        super().__init__(vllm_config, *args, **kwargs)
         self._snapkv_init()
 
 

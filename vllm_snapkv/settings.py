@@ -21,10 +21,16 @@ Defaults (see ``docs/selection.md`` for the reasoning):
   gives the paper's LongBench choice (max-pool 7) by name.
 * ``reduction="sum"`` — the reference sums the window's probabilities (ranking-equivalent to mean).
 * ``gqa_aggregation="mean"`` — as kvpress (one score per KV head, averaged over its query group).
-* ``sink=0`` — plain SnapKV keeps no sink tokens.
-* ``scorer="snapkv"`` — the SnapKV vote. ``"recency"`` is the baseline that shows what the vote
-  buys: same budget, same placement, but it keeps the sinks plus the most recent tokens
-  (StreamingLLM's rule, Xiao et al., arXiv:2309.17453); served as ``--kv-compression recency``.
+* ``sink=None`` — the method's own default (SnapKV keeps none, the recency baseline four); an
+  explicit value, 0 included, always wins.
+* ``method="snapkv"`` — which registered method ranks the positions (:mod:`vllm_snapkv.methods`:
+  ``snapkv``, the ``recency`` baseline, the query-agnostic ``keydiff`` and ``knorm``).
+
+Besides what is kept, the settings say *when* a request compacts (:mod:`vllm_snapkv.schedule`):
+at the end of its prompt (``budget``/``ratio``), while a long prompt is read
+(``prefill_budget``, ``prefill_interval``, ``prefill_method``) and while it generates
+(``decode_budget``, ``decode_interval``). All of them are off unless set, except the end of the
+prompt.
 """
 
 from __future__ import annotations
@@ -41,16 +47,17 @@ __all__ = [
     "DEFAULT_KERNEL",
     "DEFAULT_POOLING",
     "DEFAULT_REDUCTION",
-    "DEFAULT_SINK",
+    "DEFAULT_DECODE_INTERVAL",
+    "DEFAULT_METHOD",
+    "DEFAULT_PREFILL_INTERVAL",
+    "DEFAULT_PREFILL_METHOD",
     "DEFAULT_WINDOW",
     "GQA_AGGREGATIONS",
     "KVPRESS_PRESET",
     "PAPER_PRESET",
     "POOLINGS",
     "PRESETS",
-    "RECENCY_SINK",
     "REDUCTIONS",
-    "SCORERS",
     "SettingsError",
     "SnapKVSettings",
     "kvpress_preset",
@@ -61,15 +68,19 @@ DEFAULT_KERNEL = 15
 DEFAULT_POOLING = "avg"
 DEFAULT_REDUCTION = "sum"
 DEFAULT_GQA_AGGREGATION = "mean"
-DEFAULT_SINK = 0
-DEFAULT_SCORER = "snapkv"
-#: Sinks the recency baseline keeps when ``sink`` is not set: StreamingLLM's four.
-RECENCY_SINK = 4
+DEFAULT_METHOD = "snapkv"
+#: Tokens between two decode compactions when ``decode_interval`` is not given (rounded up to
+#: whole KV blocks).
+DEFAULT_DECODE_INTERVAL = 256
+#: Tokens read between two compactions of a prompt when ``prefill_interval`` is not given
+#: (rounded up to whole KV blocks).
+DEFAULT_PREFILL_INTERVAL = 1024
+#: The method of compactions made while a prompt is read, unless ``prefill_method`` says.
+DEFAULT_PREFILL_METHOD = "keydiff"
 
 POOLINGS: tuple[str, ...] = ("avg", "max")
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 GQA_AGGREGATIONS: tuple[str, ...] = ("mean", "max")
-SCORERS: tuple[str, ...] = ("snapkv", "recency")
 
 
 class SettingsError(ValueError):
@@ -103,28 +114,41 @@ def _is_real(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class SnapKVSettings:
-    """SnapKV selection settings, validated on construction (immutable; hashable).
+    """Compression settings of an engine or one request, validated on construction (immutable;
+    hashable). Exactly one of ``budget`` and ``ratio`` must be set.
 
-    Exactly one of ``budget`` and ``ratio`` must be set.
-
-    Attributes:
-        budget: tokens kept per KV head, window and sinks included. Integer > ``window + sink``.
-            Prompts of at most ``budget`` tokens are kept whole.
+    What is kept (:mod:`vllm_snapkv.selection`):
+        method: the registered method that ranks positions (``--kv-compression``).
+        budget: tokens kept per KV head at the end of the prompt, window and sinks included.
+            Integer > ``window + sinks``. Prompts of at most ``budget`` tokens are kept whole.
         ratio: fraction of the prompt kept, in (0, 1]. The kept count for a prompt of N tokens is
             kvpress's ``int(N * (1 - compression_ratio))`` with ``compression_ratio = 1 - ratio``
             (evaluated literally as ``int(N * (1.0 - (1.0 - ratio)))``), raised to at least
-            ``window + sink + 1`` and capped at N — see :func:`vllm_snapkv.selection.kept_count`.
-        window: observation-window length ``w``: the last ``w`` prompt tokens, whose queries vote
-            and which are always kept. Integer >= 1.
-        kernel: width of the 1-D pooling that smooths scores along the prompt. Odd integer >= 1
-            (odd so that "same" padding is symmetric and position i is the centre of its window).
+            ``window + sinks + 1`` and capped at N — see :func:`vllm_snapkv.selection.kept_count`.
+        window: the last ``w`` positions, always kept; for SnapKV their queries vote.
+        kernel: width of SnapKV's 1-D pooling along the sequence. Odd integer >= 1.
         pooling: ``"avg"`` (zero padding counted, as ``F.avg_pool1d``) or ``"max"``.
         reduction: how the window queries' probabilities combine: ``"sum"`` or ``"mean"``.
         gqa_aggregation: how a KV head's query group combines: ``"mean"`` or ``"max"``.
-        sink: the first ``sink`` prompt positions are always kept (inside the budget). >= 0.
-        scorer: how the prefix positions are ranked: ``"snapkv"`` (the observation window's
-            pooled attention) or ``"recency"`` (position: the most recent win; a baseline that
-            ignores the queries, so window/kernel/pooling/reduction do not matter for it).
+        sink: the first ``sink`` positions are always kept (inside the budget); ``None`` = the
+            method's default (:attr:`sinks` is the value in force).
+
+    When the request compacts (:mod:`vllm_snapkv.schedule`):
+        decode_budget: while generating, once the attended KV exceeds
+            ``decode_budget + decode_interval`` tokens, keep ``decode_budget`` per KV head.
+            ``None``: never compact during decode. Integer > ``window + sinks``.
+        decode_interval: the slack between decode compactions, in tokens (a positive multiple
+            of the KV block size, checked where the block size is known); ``None``: the default,
+            :data:`DEFAULT_DECODE_INTERVAL` rounded up to whole blocks.
+        prefill_budget: while a prompt is read in chunks, compact what has been read to this many
+            tokens per KV head whenever it exceeds ``prefill_budget + prefill_interval``; the end
+            of the prompt then brings it to ``budget``. ``None``: off. Integer >= ``budget`` and >
+            ``window + sinks``.
+        prefill_interval: tokens read between prefill compactions (a positive multiple of the
+            block size); ``None``: :data:`DEFAULT_PREFILL_INTERVAL` rounded up to whole blocks.
+        prefill_method: the method of the compactions made while the prompt is read; ``None``:
+            :data:`DEFAULT_PREFILL_METHOD` (query-agnostic, since the question at the end of the
+            prompt has not been read yet).
     """
 
     budget: int | None = None
@@ -134,8 +158,13 @@ class SnapKVSettings:
     pooling: str = DEFAULT_POOLING
     reduction: str = DEFAULT_REDUCTION
     gqa_aggregation: str = DEFAULT_GQA_AGGREGATION
-    sink: int = DEFAULT_SINK
-    scorer: str = DEFAULT_SCORER
+    sink: int | None = None
+    method: str = DEFAULT_METHOD
+    decode_budget: int | None = None
+    decode_interval: int | None = None
+    prefill_budget: int | None = None
+    prefill_interval: int | None = None
+    prefill_method: str | None = None
 
     #: Extra key accepted by :meth:`from_dict` to start from a named preset.
     PRESET_KEY: ClassVar[str] = "preset"
@@ -143,6 +172,9 @@ class SnapKVSettings:
     def __post_init__(self) -> None:
         # Each check names one setting. Order: types and ranges of independent fields first, then
         # the cross-field constraints, so the message blames the most specific cause.
+        methods = _method_names()
+        if not isinstance(self.method, str) or self.method not in methods:
+            raise SettingsError("method", self.method, f"must be one of {_choices(methods)}")
         if not _is_int(self.window) or self.window < 1:
             raise SettingsError("window", self.window, "must be an integer >= 1")
         if not _is_int(self.kernel) or self.kernel < 1 or self.kernel % 2 == 0:
@@ -161,10 +193,17 @@ class SnapKVSettings:
                 self.gqa_aggregation,
                 f"must be one of {_choices(GQA_AGGREGATIONS)}",
             )
-        if not _is_int(self.sink) or self.sink < 0:
+        if self.sink is not None and (not _is_int(self.sink) or self.sink < 0):
             raise SettingsError("sink", self.sink, "must be an integer >= 0")
-        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
-            raise SettingsError("scorer", self.scorer, f"must be one of {_choices(SCORERS)}")
+        for name in ("decode_interval", "prefill_interval"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise SettingsError(name, value,
+                                    "must be a positive integer (a multiple of the block size)")
+        if self.prefill_method is not None and (
+                not isinstance(self.prefill_method, str) or self.prefill_method not in methods):
+            raise SettingsError("prefill_method", self.prefill_method,
+                                f"must be one of {_choices(methods)}")
 
         if self.budget is None and self.ratio is None:
             raise SettingsError(
@@ -177,16 +216,7 @@ class SnapKVSettings:
                 f"exactly one of budget or ratio must be set (got both, ratio={self.ratio!r})",
             )
         if self.budget is not None:
-            floor = self.window + self.sink
-            if not _is_int(self.budget) or self.budget <= floor:
-                if self.sink:
-                    allowed = (
-                        f"must be an integer > window + sink "
-                        f"({self.window} + {self.sink} = {floor})"
-                    )
-                else:
-                    allowed = f"must be an integer > window ({self.window})"
-                raise SettingsError("budget", self.budget, allowed)
+            self._check_above_floor("budget", self.budget)
             object.__setattr__(self, "budget", int(self.budget))
         else:
             r = self.ratio
@@ -195,9 +225,46 @@ class SnapKVSettings:
                     "ratio", r, "must be a number in (0, 1] (the fraction of the prompt kept)"
                 )
             object.__setattr__(self, "ratio", float(r))
+        if self.decode_budget is not None:
+            self._check_above_floor("decode_budget", self.decode_budget)
+        if self.prefill_budget is not None:
+            self._check_above_floor("prefill_budget", self.prefill_budget)
+            if self.budget is not None and self.prefill_budget < self.budget:
+                raise SettingsError("prefill_budget", self.prefill_budget,
+                                    f"must be an integer >= budget ({self.budget})")
         # Normalise integer-like types (e.g. numpy ints) so equality/hash/JSON behave.
-        for name in ("window", "kernel", "sink"):
-            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("window", "kernel", "sink", "decode_budget", "decode_interval",
+                     "prefill_budget", "prefill_interval"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, int(value))
+
+    def _check_above_floor(self, name: str, value: Any) -> None:
+        floor = self.window + self.sinks
+        if not _is_int(value) or value <= floor:
+            if self.sinks:
+                allowed = (f"must be an integer > window + sink "
+                           f"({self.window} + {self.sinks} = {floor})")
+            else:
+                allowed = f"must be an integer > window ({self.window})"
+            raise SettingsError(name, value, allowed)
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def sinks(self) -> int:
+        """First positions always kept: ``sink``, or the method's default when not given."""
+        if self.sink is not None:
+            return self.sink
+        from vllm_snapkv.methods import get_method
+
+        return get_method(self.method).default_sink
+
+    @property
+    def prefill_method_name(self) -> str:
+        """The method of the compactions made while a prompt is read."""
+        return self.prefill_method or DEFAULT_PREFILL_METHOD
+
 
     # ------------------------------------------------------------------ constructors / copies
 
@@ -254,6 +321,12 @@ class SnapKVSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-serialisable); ``from_dict(s.to_dict()) == s``."""
         return dataclasses.asdict(self)
+
+
+def _method_names() -> tuple[str, ...]:
+    from vllm_snapkv.methods import method_names
+
+    return method_names()
 
 
 def _choices(values) -> str:

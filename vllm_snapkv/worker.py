@@ -10,11 +10,13 @@ In the worker process each
    (``register_backend``; the CPU platform always picks ``CPU_ATTN``); on CUDA
    :class:`vllm_snapkv.backends.cuda.SnapKVFlashAttentionBackend` as ``CUSTOM`` (the plugin sets
    ``attention_config.backend = CUSTOM``), and
-2. runs a model runner (:class:`SnapKVCPUModelRunner` / :class:`SnapKVGPUModelRunner`, both
-   V1 model runners with :class:`SnapKVModelRunnerMixin`), which, each step, publishes per batch
-   row what the attention backend needs (request id, prompt length N, ``num_computed_tokens``
-   before the step, the request's :class:`~vllm_snapkv.placement.Placement` and settings) —
-   see :mod:`vllm_snapkv.backends.core`.
+2. registers the SnapKV KV-cache spec (:mod:`vllm_snapkv.kv_cache`), which the SnapKV backends
+   give every full-attention layer, and
+3. runs a model runner (:class:`SnapKVCPUModelRunner` / :class:`SnapKVGPUModelRunner`, both
+   V1 model runners with :class:`SnapKVModelRunnerMixin`) that owns a
+   :class:`~vllm_snapkv.backends.state.RunnerState` and, each step, publishes per batch row what
+   the attention backend needs (request id, ``num_computed_tokens`` before the step, the
+   request's :class:`~vllm_snapkv.config.RequestPlan`) — see :mod:`vllm_snapkv.backends.plan`.
 
 ``num_computed_tokens`` is never touched: positions, slot mapping and the scheduler keep their
 true values; only what attention reads shrinks.
@@ -23,8 +25,9 @@ The worker classes are built on first access (module ``__getattr__``): importing
 worker module monkeypatches ``torch.cuda`` (``vllm/v1/worker/cpu/shm.py``), so it must never be
 imported in a CUDA worker, and this module imports neither platform's worker until asked.
 
-Worker RPCs (``LLM.collective_rpc(name)``): ``snapkv_report`` (compactions done, debug errors),
-``snapkv_set_debug(enabled)``, ``snapkv_attention_impls`` (impl class per attention layer).
+Worker RPCs (``LLM.collective_rpc(name)``): ``snapkv_report`` (compactions done, debug errors,
+cache layouts), ``snapkv_set_debug(enabled)``, ``snapkv_kept(req_id)`` (debug: kept positions per
+compaction), ``snapkv_attention_impls`` (impl class per attention layer).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from typing import Any
 
 import torch
 
-from vllm_snapkv.backends import CPU_BACKEND_PATH, core
+from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.backends import CPU_BACKEND_PATH, CUDA_BACKEND_PATH
+from vllm_snapkv.backends.plan import RowState
+from vllm_snapkv.backends.state import RunnerState
 from vllm_snapkv.config import CompressionConfig
 
 logger = logging.getLogger("vllm_snapkv")
@@ -49,46 +55,40 @@ __all__ = [
     "install_cuda_backend",
 ]
 
-WORKER_CLS = "vllm_snapkv.worker.SnapKVCPUWorker"
-GPU_WORKER_CLS = "vllm_snapkv.worker.SnapKVGPUWorker"
-#: Dotted path of the CUDA backend class, registered as ``AttentionBackendEnum.CUSTOM``.
-CUDA_BACKEND_PATH = "vllm_snapkv.backends.cuda.SnapKVFlashAttentionBackend"
-
 _V2_RUNNER_ERROR = ("vllm-snapkv needs vLLM's V1 model runner (input_batch); Model Runner V2 "
                     "is not supported (set VLLM_USE_V2_MODEL_RUNNER=0)")
 
 
+def _install_backend(slot: str, path: str) -> None:
+    """Make ``AttentionBackendEnum.<slot>`` resolve to ``path`` in this process (idempotent).
+    Only stores a class path: the backend module is imported when vLLM selects it."""
+    member = seam.get(f"AttentionBackendEnum.{slot}")
+    try:
+        current = member.get_path()
+    except ValueError:  # CUSTOM not registered yet
+        current = None
+    if current != path:
+        seam.get("register_backend")(member, path)
+        # A backend resolved earlier in this process would otherwise stay cached.
+        seam.get("_cached_get_attn_backend").cache_clear()
+
+
 def install_cpu_backend() -> None:
     """Make ``CPU_ATTN`` resolve to the SnapKV CPU backend in this process (idempotent)."""
-    from vllm.v1.attention import selector
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    if AttentionBackendEnum.CPU_ATTN.get_path() != CPU_BACKEND_PATH:
-        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
-        # A backend resolved earlier in this process would otherwise stay cached.
-        selector._cached_get_attn_backend.cache_clear()
-
-
-def _custom_backend_path() -> str | None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    try:
-        return AttentionBackendEnum.CUSTOM.get_path()
-    except ValueError:  # CUSTOM not registered yet
-        return None
+    _install_backend("CPU_ATTN", CPU_BACKEND_PATH)
 
 
 def install_cuda_backend() -> None:
-    """Register the SnapKV FlashAttention backend as ``CUSTOM`` in this process (idempotent).
+    """Register the SnapKV FlashAttention backend as ``CUSTOM`` in this process (idempotent)."""
+    _install_backend("CUSTOM", CUDA_BACKEND_PATH)
 
-    Only stores a class path: the backend module (which imports FlashAttention) is imported
-    when vLLM selects the backend."""
-    from vllm.v1.attention import selector
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    if _custom_backend_path() != CUDA_BACKEND_PATH:
-        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND_PATH)
-        selector._cached_get_attn_backend.cache_clear()
+def _worker_setup(vllm_config) -> CompressionConfig:
+    """What both workers do first: the engine's config and the SnapKV KV-cache spec."""
+    from vllm_snapkv.kv_cache import register_spec
+
+    register_spec(vllm_config)
+    return CompressionConfig.from_vllm_config(vllm_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,14 +101,16 @@ class SnapKVModelRunnerMixin:
     (``GPUModelRunner`` or its subclass ``CPUModelRunner``), before it in the MRO."""
 
     def __init__(self, vllm_config, device: torch.device) -> None:
+        # The state first: the attention builders (made during super().__init__ or later, with
+        # this vllm_config) look it up.
+        self.snapkv_state = RunnerState(vllm_config)
         super().__init__(vllm_config, device)  # type: ignore[call-arg]
         self.snapkv_config = CompressionConfig.from_vllm_config(vllm_config)
-        # The block size the scheduler allocates with (placement must match its E exactly).
+        # The block size the scheduler allocates with (schedules must match its exactly).
         self.snapkv_block_size = int(vllm_config.cache_config.block_size)
-        # req_id -> (prompt_len, placement, settings); pure functions of the request, cached.
-        self._snapkv_requests: dict[str, tuple[int, Any, Any]] = {}
+        # req_id -> (prompt_len, RequestPlan | None): pure functions of the request, cached.
+        self._snapkv_plans: dict[str, tuple[int, Any]] = {}
         self._snapkv_in_step = False
-        self._snapkv_step = 0
 
     # -- request lifecycle --------------------------------------------------------------------
 
@@ -117,84 +119,90 @@ class SnapKVModelRunnerMixin:
         gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         if gone:
             for rid in gone:
-                self._snapkv_requests.pop(rid, None)
-            core.forget_requests(gone)
+                self._snapkv_plans.pop(rid, None)
+            self.snapkv_state.forget(gone)
         return super()._update_states(scheduler_output)  # type: ignore[misc]
 
-    def _snapkv_request(self, req_id: str, prompt_len: int):
-        cached = self._snapkv_requests.get(req_id)
+    def _snapkv_plan(self, req_id: str, prompt_len: int):
+        cached = self._snapkv_plans.get(req_id)
         if cached is not None and cached[0] == prompt_len:
-            return cached[1], cached[2]
-        placement = settings = None
-        if self.snapkv_config.enabled:
-            req = self.requests.get(req_id)  # type: ignore[attr-defined]
-            sp = getattr(req, "sampling_params", None) if req is not None else None
-            if sp is not None:  # pooling requests are never compressed
-                extra = sp.extra_args
-                placement = self.snapkv_config.placement(prompt_len, self.snapkv_block_size,
-                                                         extra)
-                if placement is not None:
-                    settings = self.snapkv_config.request_settings(extra)
-                    if settings is None:
-                        placement = None
-        self._snapkv_requests[req_id] = (prompt_len, placement, settings)
-        return placement, settings
+            return cached[1]
+        plan = None
+        req = self.requests.get(req_id)  # type: ignore[attr-defined]
+        sp = getattr(req, "sampling_params", None) if req is not None else None
+        if sp is not None:  # pooling requests are never compressed
+            plan = self.snapkv_config.request_plan(prompt_len, self.snapkv_block_size,
+                                                   sp.extra_args)
+        self._snapkv_plans[req_id] = (prompt_len, plan)
+        return plan
 
-    def snapkv_batch_info(self) -> core.BatchCompressionInfo:
-        """Per-row compression facts of the current persistent batch (pre-step values)."""
+    def snapkv_rows(self) -> tuple[RowState, ...]:
+        """Per-row facts of the current persistent batch (pre-step values)."""
         ib = self.input_batch  # type: ignore[attr-defined]
         n = ib.num_reqs
         prompt = ib.num_prompt_tokens[:n].tolist()
         computed = ib.num_computed_tokens_cpu[:n].tolist()
-        rows = []
-        for i, req_id in enumerate(ib.req_ids[:n]):
-            placement, settings = self._snapkv_request(req_id, int(prompt[i]))
-            rows.append(core.RowState(req_id, int(prompt[i]), int(computed[i]), placement,
-                                      settings))
-        return core.BatchCompressionInfo(tuple(rows), self._snapkv_step)
+        return tuple(RowState(req_id, int(computed[i]), self._snapkv_plan(req_id, int(prompt[i])))
+                     for i, req_id in enumerate(ib.req_ids[:n]))
 
     # -- per-step hooks -----------------------------------------------------------------------
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._snapkv_in_step = True
-        self._snapkv_step += 1
         try:
             return super().execute_model(  # type: ignore[misc]
                 scheduler_output, intermediate_tensors)
         finally:
             self._snapkv_in_step = False
-            core.publish_batch(None)
+            self.snapkv_state.current_rows = None
 
     def _build_attention_metadata(self, *args, **kwargs):
         # Runs after _update_states/_prepare_inputs (rows in their final order, num_computed
         # still the pre-step value) and right before every group's builder. Dummy/profile runs
         # (outside execute_model) publish nothing, so their builders act as vanilla.
-        core.publish_batch(self.snapkv_batch_info()
-                           if self._snapkv_in_step and self.snapkv_config.enabled else None)
+        self.snapkv_state.current_rows = (self.snapkv_rows() if self._snapkv_in_step and
+                                          self.snapkv_config.enabled else None)
         return super()._build_attention_metadata(*args, **kwargs)  # type: ignore[misc]
 
 
 class SnapKVWorkerMixin:
     """The SnapKV worker RPCs (``LLM.collective_rpc``), shared by the CPU and GPU workers."""
 
+    def _snapkv_state(self) -> RunnerState:
+        return self.model_runner.snapkv_state  # type: ignore[attr-defined]
+
     def snapkv_report(self) -> dict:
-        """Compactions done in this worker, and the debug recorder's errors (if enabled)."""
-        out = core.state().report()
+        """Compactions done in this worker, the debug recorder's errors (if enabled), the cache
+        layouts used."""
+        out = self._snapkv_state().report()
         out["model_runner"] = type(self.model_runner).__name__  # type: ignore[attr-defined]
         return out
 
     def snapkv_set_debug(self, enabled: bool = True) -> bool:
-        core.set_debug(bool(enabled))
-        return core.state().debug is not None
+        state = self._snapkv_state()
+        state.set_debug(bool(enabled))
+        return state.debug is not None
 
-    def snapkv_kept(self, req_id_prefix: str) -> dict[str, list[list[int]]]:
-        """Debug mode: layer -> kept positions per KV head of the request(s) whose worker-side
-        id starts with ``req_id_prefix`` (the offline API appends a suffix to request ids)."""
-        dbg = core.state().debug
+    def snapkv_kept(self, req_id_prefix: str, phase: str | None = None) -> dict:
+        """Debug mode: layer -> kept original positions per KV head of the request(s) whose
+        worker-side id starts with ``req_id_prefix`` (the offline API appends a suffix), at its
+        last compaction of ``phase`` (default: the prompt compaction, else the last one). With
+        ``phase="all"``: layer -> [(at, phase, positions)] for every compaction."""
+        dbg = self._snapkv_state().debug
         if dbg is None:
             return {}
-        return {layer: kept.tolist() for (rid, layer), kept in dbg.kept_positions.items()
-                if rid == req_id_prefix or rid.startswith(req_id_prefix + "-")}
+        out: dict = {}
+        for (rid, layer), hist in dbg.kept_history.items():
+            if not (rid == req_id_prefix or rid.startswith(req_id_prefix + "-")):
+                continue
+            if phase == "all":
+                out[layer] = [(at, ph, kept.tolist()) for at, ph, kept in hist]
+                continue
+            wanted = [h for h in hist if h[1] == (phase or "prompt")] or \
+                ([] if phase else hist)
+            if wanted:
+                out[layer] = wanted[-1][2].tolist()
+        return out
 
     def snapkv_attention_impls(self) -> dict[str, str]:
         """Attention layer name -> impl class name, and the backend each group uses."""
@@ -225,9 +233,9 @@ def _named(cls: type, name: str) -> type:
 
 
 def _build_cpu_classes() -> dict[str, type]:
-    from vllm.v1.worker import cpu_worker as _cpu_worker_mod
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    from vllm.v1.worker.cpu_worker import CPUWorker
+    _cpu_worker_mod = seam.module("cpu_worker.CPUModelRunner")
+    CPUModelRunner = seam.get("CPUModelRunner")
+    CPUWorker = seam.get("CPUWorker")
 
     class SnapKVCPUModelRunner(SnapKVModelRunnerMixin, CPUModelRunner):
         """``CPUModelRunner`` that publishes each step's per-row compression facts."""
@@ -239,7 +247,7 @@ def _build_cpu_classes() -> dict[str, type]:
                      distributed_init_method: str, is_driver_worker: bool = False) -> None:
             super().__init__(vllm_config, local_rank, rank, distributed_init_method,
                              is_driver_worker=is_driver_worker)
-            self.snapkv_config = CompressionConfig.from_vllm_config(vllm_config)
+            self.snapkv_config = _worker_setup(vllm_config)
             install_cpu_backend()
 
         def init_device(self):
@@ -260,8 +268,8 @@ def _build_cpu_classes() -> dict[str, type]:
 
 
 def _build_gpu_classes() -> dict[str, type]:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.gpu_worker import Worker
+    GPUModelRunner = seam.get("GPUModelRunner")
+    Worker = seam.get("Worker")
 
     class SnapKVGPUModelRunner(SnapKVModelRunnerMixin, GPUModelRunner):
         """The V1 ``GPUModelRunner`` that publishes each step's per-row compression facts."""
@@ -274,7 +282,7 @@ def _build_gpu_classes() -> dict[str, type]:
                      distributed_init_method: str, is_driver_worker: bool = False) -> None:
             super().__init__(vllm_config, local_rank, rank, distributed_init_method,
                              is_driver_worker=is_driver_worker)
-            self.snapkv_config = CompressionConfig.from_vllm_config(vllm_config)
+            self.snapkv_config = _worker_setup(vllm_config)
             if self.snapkv_config.enabled:
                 _require_custom_backend(vllm_config)
             install_cuda_backend()
@@ -299,8 +307,7 @@ def _require_custom_backend(vllm_config) -> None:
     """The GPU worker's attention must be the SnapKV backend: the scheduler frees evicted
     blocks, which a vanilla backend would still read. The plugin sets ``CUSTOM``; a config that
     bypassed it (``--worker-cls`` by hand) is pointed at ``CUSTOM`` here, or refused."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
+    AttentionBackendEnum = seam.get("AttentionBackendEnum")
     att = vllm_config.attention_config
     if att.backend_per_kind:
         raise ValueError("vllm-snapkv: --kv-compression cannot be combined with per-kind "

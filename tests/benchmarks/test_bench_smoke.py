@@ -1,33 +1,53 @@
-"""The benchmark suite at toy sizes (``suite.py --smoke``): every section runs end to end against
-real servers and kvpress, and writes its results, summary and plots — so the benchmarks cannot
-rot. Timings are not asserted (benchmarks, not tests); what must hold whatever the machine is."""
+"""The benchmark suite at toy sizes (``python -m benchmarks.suite --smoke``): every section runs end
+to end against real servers and kvpress, and writes its results, summary and plots — so the
+benchmarks cannot rot. Timings are not asserted (benchmarks, not tests); what must hold whatever
+the machine is."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from vllm_snapkv.testing import REPO
+from benchmarks import REPO, schema
 
 pytestmark = pytest.mark.engine
+
+#: kvpress's SnapKVPress window: budgets at or below it are not compared (benchmarks.agreement).
+KVPRESS_WINDOW = 64
+#: Agreement, our ``kvpress`` preset in vLLM vs kvpress on HF: the committed full run had
+#: 2160/2160 identical kept sets. The smoke profile compares one 512-token prompt at budget 128:
+#: 30 layers x 3 KV heads = 90 sets, where a float-rounding flip at a near tie (vLLM's CPU kernels
+#: vs HF's) would cost 1.1 % of them. So at most 2 of 90 sets may differ, and only at a near tie
+#: of kvpress's own scores; a real mismatch (another kernel, pooling or GQA reduction, a wrong
+#: window) changes most sets, by score gaps far above the tie tolerance.
+MIN_FRACTION_IDENTICAL = 0.97
+MIN_MEAN_JACCARD = 0.99
+#: Largest relative gap between a differing position's kvpress score and kvpress's keep/evict
+#: boundary that still counts as a near tie (``kvpress_crosscheck`` uses 1e-5 on identical
+#: tensors; end to end the keys and queries come from different kernels).
+NEAR_TIE_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--smoke",
-                    "--out", str(out)], check=True, cwd=REPO, timeout=3000)
+    subprocess.run([sys.executable, "-m", "benchmarks.suite", "--smoke", "--out", str(out)],
+                   check=True, cwd=REPO, timeout=3000)
     return json.loads((out / "results.json").read_text()), out
+
+
+def test_results_match_the_schema(smoke) -> None:
+    assert schema.validate(smoke[0]) == []
 
 
 def test_writes_summary_and_plots(smoke) -> None:
     results, out = smoke
-    assert results["smoke"] and set(results["sections"]) == {
-        "overhead", "blocks", "accuracy", "selection", "capacity", "throughput"}
+    assert results["smoke"] and set(results["sections"]) == set(schema.SECTIONS)
     summary = (out / "summary.md").read_text()
     for heading in ("KV blocks held", "Capacity", "Throughput", "Overhead", "Selection cost",
                     "Needle accuracy"):
@@ -36,7 +56,7 @@ def test_writes_summary_and_plots(smoke) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_blocks_held_equal_the_placement_arithmetic(smoke) -> None:
+def test_blocks_held_equal_the_prompt_compaction_arithmetic(smoke) -> None:
     rows = smoke[0]["blocks"]["rows"]
     assert rows and all(r["snapkv_blocks"] == r["expected_blocks"] for r in rows), rows
     assert all(r["snapkv_blocks"] < r["vanilla_blocks"] for r in rows)
@@ -80,5 +100,26 @@ def test_every_peer_answered_every_cell(smoke) -> None:
     # kvpress's one-prefill-for-every-budget was checked against one prefill per budget
     checks = results["kvpress"]["kvpress"]["meta"]["equivalence_checks"]
     assert {c["length"] for c in checks} == set(lengths) and all(c["identical"] for c in checks)
-    agreement = results["kvpress"]["agreement"]["comparison"]
-    assert agreement["sets"] > 0 and 0.0 <= agreement["fraction_identical"] <= 1.0
+
+
+def test_kept_sets_agree_with_kvpress(smoke) -> None:
+    """Our ``kvpress`` preset inside vLLM keeps what kvpress keeps (see the thresholds above)."""
+    results = smoke[0]
+    profile = results["profile"]
+    cmp = results["kvpress"]["agreement"]["comparison"]
+    # compared where the profile says: the first recorded prompts of each length, every agreement
+    # budget above kvpress's window and below the prompt
+    recorded = min(profile["agreement_per_cell"], profile["kvpress_per_cell"])
+    cases = results["kvpress"]["kvpress"]["cases"]
+    want = {(c["id"], b) for n in profile["lengths"]
+            for c in [c for c in cases if c["length"] == n][:recorded]
+            for b in profile["agreement_budgets"] if KVPRESS_WINDOW < b < n}
+    assert want and {(r["case"], r["budget"]) for r in cmp["runs"]} == want
+    assert cmp["sets"] == sum(r["sets"] for r in cmp["runs"]) > 0
+    diffs = cmp["differences"]
+    assert cmp["fraction_identical"] >= MIN_FRACTION_IDENTICAL, (cmp["identical"], cmp["sets"],
+                                                                diffs)
+    assert cmp["mean_jaccard"] >= MIN_MEAN_JACCARD, diffs
+    assert diffs["window_differs"] == 0, diffs
+    if diffs["sets"]:
+        assert diffs.get("max_rel_score_gap", math.inf) <= NEAR_TIE_RTOL, diffs

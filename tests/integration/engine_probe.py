@@ -5,10 +5,14 @@ Tests run this in a subprocess (one engine per process, so configurations never 
 pool and preemptions can be observed step by step. Nothing is mocked: it is the engine
 ``vllm serve`` runs, driven through ``LLMEngine.add_request``/``step``.
 
+The timeline records, after every step, the pool's free blocks and the real (non-null) blocks
+each running request holds.
+
 Spec keys: ``model`` (path), ``engine`` (kwargs for ``LLM``), ``requests`` (list of
 ``{"id", "prompt_token_ids" | "prompt", "max_tokens", "extra_args"}``), ``stagger`` (add one
 request per step instead of all at once; a request that names ``"after"`` waits until that request
-has finished), ``debug`` (turn on the workers' attention debug hook).
+has finished), ``aborts`` (``[{"id", "after_step"}]``: abort a request after that many steps),
+``debug`` (turn on the workers' attention debug hook).
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ import json
 import os
 import sys
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
 def main() -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     spec = json.loads(sys.argv[1])
     from vllm import LLM, SamplingParams
 
@@ -55,19 +59,30 @@ def main() -> None:
         while pending:
             add(pending.pop(0))
     steps = 0
+    aborts = {a["after_step"]: a["id"] for a in spec.get("aborts", [])}
     while pending or engine.has_unfinished_requests():
         if pending and pending[0].get("after", None) in (None, *outputs):
             add(pending.pop(0))
+        if steps in aborts:
+            engine.abort_request([aborts[steps]])
+            outputs[aborts[steps]] = {"aborted_at_step": steps}
         for out in engine.step():
             if out.finished:
                 c = out.outputs[0]
                 outputs[out.request_id] = {"token_ids": list(c.token_ids), "text": c.text,
                                            "prompt_len": len(out.prompt_token_ids or []),
-                                           "num_cached_tokens": out.num_cached_tokens}
-        placements = {rid: [p.prompt_len, p.evicted, p.block_size]
-                      for rid, p in getattr(sched, "snapkv_placements", {}).items()}
+                                           "num_cached_tokens": out.num_cached_tokens,
+                                           "kv_transfer_params": out.kv_transfer_params}
+        schedules = {rid: s.prompt_len for rid, s in getattr(sched, "snapkv_schedules",
+                                                              {}).items()}
+        held = {}
+        for req in sched.running:
+            blocks = sched.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(
+                req.request_id, [])
+            # Engine-side ids carry a suffix after the caller's id.
+            held[req.request_id.rsplit("-", 1)[0]] = sum(1 for b in blocks if not b.is_null)
         timeline.append({"free": pool.get_num_free_blocks(), "running": len(sched.running),
-                         "placements": placements})
+                         "schedules": schedules, "held": held})
         steps += 1
         if steps > spec.get("max_steps", 5000):
             raise RuntimeError("engine did not finish")
@@ -80,6 +95,17 @@ def main() -> None:
         "preemptions": preemptions["count"], "outputs": outputs, "timeline": timeline,
         "scheduler": type(sched).__name__,
     }))
+
+
+def run(spec: dict, timeout: int = 900) -> dict:
+    """Run this probe on ``spec`` in a fresh interpreter and return its result."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("ENGINE_PROBE_RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1].split(" ", 1)[1])
 
 
 if __name__ == "__main__":

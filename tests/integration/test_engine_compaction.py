@@ -1,9 +1,10 @@
 """Paged SnapKV inside the real vLLM engine (offline ``LLM`` API, no mocks).
 
-Engines, each started once and shut down before the next (2 shared CPU cores):
+Every test runs on its own: references it needs (vanilla vLLM's tokens) come from fixtures, not
+from other tests. Engines (2 shared CPU cores, one at a time):
 
 * vanilla vLLM on the tiny random Llama (default worker, no ``additional_config``) — reference
-  tokens;
+  tokens (a module fixture, built when a test asks for it);
 * SnapKV worker, tiny model, unchunked prefill, **torch.compile on** (no ``enforce_eager``):
   (a) nothing compressed => tokens identical to vanilla; (b) a long prompt compressed (N=1600,
   budget 256, block 128 => E=1280) in a mixed batch with another long one and a short
@@ -13,8 +14,10 @@ Engines, each started once and shut down before the next (2 shared CPU cores):
   final chunk is shorter than the window, so 22 window queries come from the stash);
 * SnapKV worker, tiny model, a small KV pool that forces the compressed request to be preempted
   after its compaction: it is recomputed from 0 and compacted again, and stays exact;
-* SnapKV worker on SmolLM2-135M-Instruct: a number stated near the end of a long filler prompt is
-  still retrieved with compression on.
+* SnapKV worker on SmolLM2-135M-Instruct, chunked so that the window spans two chunks: the kept
+  sets of all 30 layers x 3 KV heads equal those of the textbook formula fed by plain HF
+  transformers on the same tokens (a window off by one position keeps other tokens and fails),
+  and a number stated near the end of a long filler prompt is still retrieved.
 
 The debug hook (``snapkv_set_debug`` RPC) records, at compaction, the original K/V of the kept
 tokens and compares every later step's attention output of the compacted request, per layer, with
@@ -41,9 +44,6 @@ ATOL = 1e-5
 N_LONG, N_LONG2, N_SHORT = 1600, 2000, 100
 CHUNK = 512
 N_CHUNKED = 3 * CHUNK + 10  # final chunk: 10 tokens < window 32
-
-#: Outputs/kept sets shared between the engine groups (tests run in file order).
-SHARED: dict = {}
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -120,14 +120,16 @@ def _assert_exact_over_kept(rep: dict, request_id: str, num_layers: int, n: int)
 
 
 # ---------------------------------------------------------------------------------------------
-# Vanilla reference
+# Vanilla reference (a fixture: built for whichever test asks first)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_vanilla_reference(tiny_path):
+@pytest.fixture(scope="module")
+def vanilla(tiny_path) -> dict:
     with _llm(**_engine_kwargs(tiny_path, max_num_batched_tokens=4096)) as llm:
-        SHARED["vanilla_mixed"], _ = _gen(llm, [LONG, LONG2, SHORT], _sp())
-        SHARED["vanilla_same"], _ = _gen(llm, [LONG, SHORT2, SHORT], _sp())
+        mixed, _ = _gen(llm, [LONG, LONG2, SHORT], _sp())
+        same, _ = _gen(llm, [LONG, SHORT2, SHORT], _sp())
+    return {"mixed": mixed, "same": same}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,19 +154,15 @@ class TestUnchunked:
             {"SnapKVCPUMetadataBuilder"}
         assert _report(llm)["model_runner"] == "SnapKVCPUModelRunner"
 
-    def test_uncompressed_requests_match_vanilla(self, llm):
-        if "vanilla_same" not in SHARED:
-            pytest.skip("vanilla reference did not run")
+    def test_uncompressed_requests_match_vanilla(self, llm, vanilla):
         # Budget >= prompt length for the long one, explicit opt-out, and a short prompt.
         params = [_sp(snapkv_budget=4096), _sp(kv_compression="none"), _sp()]
         before = _report(llm)["num_compactions"]
         tokens, _ = _gen(llm, [LONG, SHORT2, SHORT], params)
         assert _report(llm)["num_compactions"] == before  # nothing was compacted
-        assert tokens == SHARED["vanilla_same"]
+        assert tokens == vanilla["same"]
 
-    def test_mixed_batch_compacted_exactly(self, llm):
-        if "vanilla_mixed" not in SHARED:
-            pytest.skip("vanilla reference did not run")
+    def test_mixed_batch_compacted_exactly(self, llm, vanilla):
         tokens, ids = _gen(llm, [LONG, LONG2, SHORT], _sp())
         rep = _report(llm)
         _assert_exact_over_kept(rep, ids[0], 2, N_LONG)
@@ -173,17 +171,9 @@ class TestUnchunked:
         assert _find(rep["compactions"], ids[0])["window_from_stash"] == 0  # unchunked
         assert not any(k.startswith(ids[2] + "-") for k in rep["compactions"])
         # The short, uncompressed request decoding beside them is untouched.
-        assert tokens[2] == SHARED["vanilla_mixed"][2]
+        assert tokens[2] == vanilla["mixed"][2]
         assert all(len(t) == 16 for t in tokens)
         assert rep["stash_entries"] == 0
-
-    def test_reference_selection_for_chunked(self, llm):
-        _, ids = _gen(llm, [CHUNKED], _sp(max_tokens=4))
-        (kept,) = llm.collective_rpc("snapkv_kept", args=(ids[0],))
-        assert len(kept) == 2
-        SHARED["unchunked_kept"] = kept
-        _assert_exact_over_kept(_report(llm), ids[0], 2, N_CHUNKED)
-
 
 # ---------------------------------------------------------------------------------------------
 # SnapKV, chunked prefill: the final chunk is shorter than the window
@@ -207,18 +197,6 @@ class TestChunked:
         # 32 - 10 window queries came from the earlier chunks' stash.
         assert _find(rep["compactions"], ids[0])["window_from_stash"] == WINDOW - 10
         assert rep["stash_entries"] == 0  # dropped after compaction
-        ref = SHARED.get("unchunked_kept")
-        if ref is not None:
-            (kept,) = llm.collective_rpc("snapkv_kept", args=(ids[0],))
-            assert set(kept) == set(ref)
-            same = total = 0
-            for layer, heads in kept.items():
-                for h, row in enumerate(heads):
-                    same += len(set(row) & set(ref[layer][h]))
-                    total += len(row)
-            # Same selection as unchunked prefill, up to fp32 ties.
-            print(f"\n[snapkv] chunked vs unchunked kept-set overlap: {same / total:.4f}")
-            assert same / total >= 0.98, same / total
 
     def test_chunked_mixed_batch(self, llm):
         tokens, ids = _gen(llm, [LONG, SHORT], _sp(max_tokens=8))
@@ -253,11 +231,62 @@ def test_preempted_request_is_compacted_again(tiny_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# SmolLM2: an answer near the end of a long filler prompt survives compression
+# SmolLM2: the kept sets equal an independent reference; an answer survives compression
 # ---------------------------------------------------------------------------------------------
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
+
+
+def _needle(code: int, reps: int) -> str:
+    return (FILLER * reps + f"Remember this: the secret number is {code}. " + FILLER * 2
+            + "\nQuestion: What is the secret number?\nAnswer: The secret number is")
+
+
+def test_smollm2_kept_sets_equal_the_hf_reference(smollm2_path):
+    """Which tokens are kept, per layer and KV head, against plain HF transformers: the prompt is
+    read in 512-token chunks and its last chunk is 10 tokens long, so 22 of the 32 window queries
+    come from the stash. The reference feeds HF's own post-RoPE queries of the last 32 positions
+    and keys of the whole prompt to the textbook formula (float64). Measured: 90/90 sets
+    identical; the same comparison with the window shifted by one position gave 1/90."""
+    from transformers import AutoTokenizer
+
+    from hf_reference import prefill_qk
+    from snapkv_reference import reference_keep
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    ids = tok(_needle(48213, 70))["input_ids"]
+    ids = ids[: len(ids) // CHUNK * CHUNK + 10]
+    n, budget = len(ids), 512
+    kwargs = _engine_kwargs(smollm2_path, enforce_eager=True, worker_cls=WORKER,
+                            max_num_batched_tokens=CHUNK, long_prefill_token_threshold=CHUNK,
+                            additional_config={"kv_compression": "snapkv", "snapkv": {
+                                "budget": budget, "window": WINDOW, "kernel": KERNEL}})
+    kwargs["kv_cache_memory_bytes"] = 1 << 29
+    with _llm(**kwargs) as llm:
+        llm.collective_rpc("snapkv_set_debug", args=(True,))
+        _, rids = _gen(llm, [ids], _sp(max_tokens=4))
+        (kept,) = llm.collective_rpc("snapkv_kept", args=(rids[0],))
+        rep = _report(llm)
+    comp = _find(rep["compactions"], rids[0])
+    assert comp["window_from_stash"] == WINDOW - 10
+    keep = n - (n - budget) // BLOCK * BLOCK  # the tail placement keeps whole blocks
+    reference = prefill_qk(smollm2_path, ids, WINDOW)
+    assert len(kept) == len(reference) == 30
+    same = total = 0
+    jaccard = 0.0
+    for i, (q, k) in enumerate(reference):
+        ref, _ = reference_keep(q, k, budget=keep, window=WINDOW, kernel=KERNEL, pooling="avg",
+                                reduction="sum", gqa_aggregation="mean", sink=0)
+        ours = kept[f"model.layers.{i}.self_attn.attn"]
+        for h, row in enumerate(ours):
+            a, b = set(row), set(ref[h])
+            same += a == b
+            jaccard += len(a & b) / len(a | b)
+            total += 1
+    print(f"\n[snapkv] SmolLM2 kept sets vs HF reference: {same}/{total} identical, "
+          f"mean Jaccard {jaccard / total:.5f}")
+    assert same >= 0.97 * total and jaccard / total >= 0.999
 
 
 def test_smollm2_answers_with_compression(smollm2_path):
@@ -265,9 +294,7 @@ def test_smollm2_answers_with_compression(smollm2_path):
                             additional_config=SNAPKV)
     kwargs["kv_cache_memory_bytes"] = 1 << 29
     codes = [(48213, 70), (90517, 90)]
-    prompts = [FILLER * reps + f"Remember this: the secret number is {code}. " + FILLER * 2
-               + "\nQuestion: What is the secret number?\nAnswer: The secret number is"
-               for code, reps in codes]
+    prompts = [_needle(code, reps) for code, reps in codes]
     with _llm(**kwargs) as llm:
         llm.collective_rpc("snapkv_set_debug", args=(True,))
         outs = llm.generate(prompts, _sp(max_tokens=8), use_tqdm=False)

@@ -37,7 +37,8 @@ def test_engine_args_carry_the_flag_into_additional_config() -> None:
     # The real `vllm serve` parser, built the way the CLI builds it.
     proc = _run_python(
         "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "from vllm_snapkv.vllm_seam import get\n"
+        "make_arg_parser = get('make_arg_parser')\n"
         "from vllm.engine.arg_utils import AsyncEngineArgs\n"
         "parser = make_arg_parser(FlexibleArgumentParser())\n"
         "args = parser.parse_args(['m', '--kv-compression', 'snapkv'])\n"
@@ -62,7 +63,15 @@ def test_serve_help_has_snapkv_group() -> None:
     proc = subprocess.run([str(VLLM_BIN), "serve", "--help=snapkv"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "--kv-compression {none,snapkv,recency}" in proc.stdout
+    from vllm_snapkv.methods import registered_methods
+
+    text = " ".join(proc.stdout.split())
+    # The methods come from the registry, each with its summary and paper.
+    assert "--kv-compression {none," + ",".join(registered_methods()) + "}" in text
+    for name, cls in registered_methods().items():
+        assert cls.paper in text, name
+    for flag in ("--snapkv-decode-budget", "--snapkv-prefill-budget", "--snapkv-prefill-method"):
+        assert flag in text
 
 
 def test_bad_flag_value_is_refused_at_startup() -> None:
@@ -80,10 +89,21 @@ def test_bad_setting_combination_is_refused_at_startup_naming_the_flag() -> None
     assert "Traceback" not in proc.stderr
 
 
+def test_bad_interval_is_refused_at_startup_naming_the_flag() -> None:
+    proc = subprocess.run([str(VLLM_BIN), "serve", "some-model", "--kv-compression", "snapkv",
+                           "--snapkv-decode-budget", "512", "--snapkv-decode-interval", "100"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("--snapkv-decode-interval=100 is invalid: must be a positive multiple of the KV "
+            "block size (128)") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_settings_flags_reach_additional_config() -> None:
     proc = _run_python(
         "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "from vllm_snapkv.vllm_seam import get\n"
+        "make_arg_parser = get('make_arg_parser')\n"
         "from vllm.engine.arg_utils import AsyncEngineArgs\n"
         "parser = make_arg_parser(FlexibleArgumentParser())\n"
         "args = parser.parse_args(['m', '--kv-compression', 'snapkv', '--snapkv-ratio', '0.25',\n"

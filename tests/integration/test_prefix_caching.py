@@ -11,7 +11,15 @@ import random
 
 import pytest
 
-from test_block_accounting import ENGINE, run_probe, snapkv
+from engine_probe import run as run_probe
+
+ENGINE = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True,
+          "kv_cache_memory_bytes": 1 << 28}
+
+
+def snapkv(**settings) -> dict:
+    return {"kv_compression": "snapkv", "snapkv": settings}
+
 
 pytestmark = pytest.mark.engine
 

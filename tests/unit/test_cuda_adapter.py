@@ -47,7 +47,9 @@ from vllm.v1.attention.backends.flash_attn import (  # noqa: E402
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
 
-from vllm_snapkv.backends import core  # noqa: E402
+from vllm_snapkv.backends import compaction  # noqa: E402
+from vllm_snapkv.backends import plan as stepplan  # noqa: E402
+from vllm_snapkv.backends.state import RunnerState  # noqa: E402
 from vllm_snapkv.backends.cuda import (  # noqa: E402
     FlashAttnCacheAccessor,
     SnapKVFlashAttentionBackend,
@@ -55,7 +57,8 @@ from vllm_snapkv.backends.cuda import (  # noqa: E402
     SnapKVFlashAttentionMetadata,
     SnapKVFlashAttentionMetadataBuilder,
 )
-from vllm_snapkv.placement import plan as place  # noqa: E402
+from vllm_snapkv.config import RequestPlan  # noqa: E402
+from vllm_snapkv.schedule import Schedule  # noqa: E402
 from vllm_snapkv.selection import select_tokens_with_settings  # noqa: E402
 from vllm_snapkv.settings import SnapKVSettings  # noqa: E402
 
@@ -255,7 +258,7 @@ def test_compact_to_tail_then_paged_attention(layout) -> None:
     before0, before1 = layer0.clone(), layer1.clone()
 
     kept = _kept_sets(n, k, window, hkv, gen)
-    moved = FlashAttnCacheAccessor(d).compact(layer0, block_ids, kept, e)
+    moved = compaction.move_kept(FlashAttnCacheAccessor(d), layer0, block_ids, kept, e)
     assert 0 < moved <= k - window  # the window is in place already: never moved
     assert torch.equal(layer0[spare], before0[spare]) and torch.equal(layer1, before1)
     k_tail, v_tail = _fa_paged_kv(layer0, block_ids[e // bs:], k)
@@ -278,13 +281,13 @@ def test_compact_identity_and_overlap() -> None:
     acc = FlashAttnCacheAccessor(d)
     acc.write_kv(kv, block_ids, torch.arange(n), keys, values)
     before = kv.clone()
-    assert acc.compact(kv, block_ids, torch.arange(10, n).expand(hkv, -1), 10) == 0
+    assert compaction.move_kept(acc, kv, block_ids, torch.arange(10, n).expand(hkv, -1), 10) == 0
     assert torch.equal(kv, before)
     for dest in (0, 5, 20):
         acc.write_kv(kv, block_ids, torch.arange(n), keys, values)
         kept = torch.stack([torch.arange(12, 40),
                             torch.randperm(n, generator=gen)[:28].sort().values])
-        acc.compact(kv, block_ids, kept, dest)
+        compaction.move_kept(acc, kv, block_ids, kept, dest)
         got_k, got_v = acc.read_kv(kv, block_ids, torch.arange(dest, dest + 28))
         for h in range(hkv):
             assert torch.equal(got_k[h], keys[h, kept[h]])
@@ -315,15 +318,16 @@ def _builder(bs: int, max_num_seqs: int = 8) -> SnapKVFlashAttentionMetadataBuil
     b = object.__new__(SnapKVFlashAttentionMetadataBuilder)
     b.block_size = bs
     b.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs))
-    b._snapkv_active = True
+    b._snapkv_state = RunnerState(b.vllm_config)
     b._snapkv_seq_lens = b._snapkv_block_table = None
     return b
 
 
-def _shifted_row(row: int, n: int, e: int, bs: int, nc: int) -> core.ShiftedRow:
-    p = place(n, n - e, bs)
-    assert p.evicted == e
-    return core.ShiftedRow(row, f"r{row}", row, row + 1, nc, p)
+def _shifted_row(row: int, n: int, e: int, bs: int, nc: int) -> stepplan.RowPlan:
+    schedule = Schedule(prompt_len=n, block_size=bs, method="snapkv", prompt_target=n - e)
+    assert schedule.evicted_at(nc) == e
+    return stepplan.RowPlan(row, f"r{row}", row, row + 1, nc, SnapKVSettings(budget=n - e),
+                            schedule, e, (), None)
 
 
 def _cm(seq_lens, block_table, qsl, ub=True) -> CommonAttentionMetadata:
@@ -344,20 +348,20 @@ def test_shift_into_persistent_buffers_keeps_addresses() -> None:
     bt = torch.arange(3 * 40, dtype=torch.int32).view(3, 40)
     seq = torch.tensor([300, 70, 500], dtype=torch.int32)
     qsl = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
-    plan = core.StepPlan(shifted=[_shifted_row(0, 290, 256, bs, 299),
-                                  _shifted_row(2, 400, 128, bs, 499)])
+    plan = stepplan.StepPlan((_shifted_row(0, 290, 256, bs, 299),
+                              _shifted_row(2, 400, 128, bs, 499)))
     bt0, seq0 = bt.clone(), seq.clone()
     ptrs = set()
     for _ in range(2):
         out_s, out_b = b.snapkv_buffers(seq, bt)
-        cm = core.shift_common_metadata(_cm(seq, bt, qsl), plan, bs, out_seq_lens=out_s,
+        cm = stepplan.shift_common_metadata(_cm(seq, bt, qsl), plan, bs, out_seq_lens=out_s,
                                         out_block_table=out_b)
         ptrs.add((cm.seq_lens.data_ptr(), cm.block_table_tensor.data_ptr()))
     assert len(ptrs) == 1  # the same builder-owned memory every step
     assert cm.seq_lens.data_ptr() == b._snapkv_seq_lens.data_ptr()
     assert b._snapkv_seq_lens.shape[0] == 8  # sized for max_num_seqs up front
     assert torch.equal(bt, bt0) and torch.equal(seq, seq0)  # inputs untouched
-    ref_s, ref_b = core.shift_rows(seq, bt, plan.shifted, bs)
+    ref_s, ref_b = stepplan.shift_rows(seq, bt, plan.shifted, bs)
     assert torch.equal(cm.seq_lens, ref_s) and torch.equal(cm.block_table_tensor, ref_b)
     assert cm.seq_lens.tolist() == [44, 70, 372]
     assert cm.block_table_tensor[0, :24].tolist() == list(range(16, 40))
@@ -375,12 +379,12 @@ def test_shift_on_a_device_reads_nothing_back() -> None:
     bt = torch.empty(3, 40, dtype=torch.int32, device="meta")
     seq = torch.empty(3, dtype=torch.int32, device="meta")
     qsl = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
-    plan = core.StepPlan(shifted=[_shifted_row(0, 290, 256, bs, 299)])
+    plan = stepplan.StepPlan((_shifted_row(0, 290, 256, bs, 299),))
     out_s, out_b = b.snapkv_buffers(seq, bt)
-    cm = core.shift_common_metadata(_cm(seq, bt, qsl), plan, bs, out_seq_lens=out_s,
+    cm = stepplan.shift_common_metadata(_cm(seq, bt, qsl), plan, bs, out_seq_lens=out_s,
                                     out_block_table=out_b)
     assert cm.seq_lens.device.type == "meta" and cm.max_seq_len == 500
-    cm = core.shift_common_metadata(_cm(seq, bt, qsl, ub=False), plan, bs,
+    cm = stepplan.shift_common_metadata(_cm(seq, bt, qsl, ub=False), plan, bs,
                                     out_seq_lens=out_s, out_block_table=out_b)
     assert cm.max_seq_len == 10**6  # no upper bound: the old (upper-bound) value stays
 
@@ -417,31 +421,23 @@ def _impl(hq: int, hkv: int, d: int) -> SnapKVFlashAttentionImpl:
     return impl
 
 
-@pytest.fixture
-def clean_core():
-    core.publish_batch(None)
-    core.set_debug(True)
-    yield
-    core.publish_batch(None)
-    core.forget_requests(["req"])
-    core.set_debug(False)
-
-
 @pytest.mark.parametrize("layout", [KVCacheLayout.LBNHC, KVCacheLayout.LBHNC],
                          ids=lambda x: x.name)
-def test_prefill_compaction_then_shifted_decode(layout, monkeypatch, clean_core) -> None:
+def test_prefill_compaction_then_shifted_decode(layout, monkeypatch) -> None:
     monkeypatch.setattr(FlashAttentionMetadataBuilder, "build", _fa_build_emulation)
     monkeypatch.setattr(FlashAttentionImpl, "forward", _fa_forward_emulation)
     from vllm.v1.attention.backend import AttentionType
     hkv, hq, d, bs, nb = 2, 6, 32, 16, 12
     n, budget = 7 * bs + 3, 3 * bs
     settings = SnapKVSettings(budget=budget, window=8, kernel=5)
-    p = place(n, budget, bs)
-    e = p.evicted
+    schedule = Schedule(prompt_len=n, block_size=bs, method="snapkv", prompt_target=budget)
+    e = schedule.prompt_compaction.evicted
     assert e == 4 * bs
     impl = _impl(hq, hkv, d)
     impl.attn_type = AttentionType.DECODER
     b = _builder(bs)
+    state = b._snapkv_state
+    state.set_debug(True)
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
     kv = _caches(layout, nb, hkv, bs, d, torch.float32, num_layers=1)[0]
     gen = torch.Generator().manual_seed(7)
@@ -453,8 +449,7 @@ def test_prefill_compaction_then_shifted_decode(layout, monkeypatch, clean_core)
     queries = torch.randn(n + 1, hq, d, generator=gen)
 
     def step(nc: int, qlen: int) -> torch.Tensor:
-        core.publish_batch(core.BatchCompressionInfo(
-            (core.RowState("req", n, nc, p, settings),), step=nc))
+        state.current_rows = (stepplan.RowState("req", nc, RequestPlan(settings, schedule)),)
         pos = torch.arange(nc, nc + qlen)
         _reshape_and_cache_flash(keys[pos], values[pos], kv, _slots(block_ids, pos, bs))
         qsl = torch.tensor([0, qlen], dtype=torch.int32)
@@ -472,20 +467,19 @@ def test_prefill_compaction_then_shifted_decode(layout, monkeypatch, clean_core)
 
     # Step 1: the whole prompt; attention sees all N tokens, then the layer is compacted.
     md, out = step(0, n)
-    assert [t.req_id for t in md.snapkv_plan.completing] == ["req"]
+    assert [t.req_id for t in md.snapkv_plan.compacting] == ["req"]
     assert int(md.seq_lens[0]) == n and md.block_table is not b._snapkv_block_table
     full_ref = _dense(queries[:n], keys[:n].transpose(0, 1), values[:n].transpose(0, 1),
                       impl.scale)
     assert float((out.view(n, hq, d).double() - full_ref).abs().max()) < 1e-5
     q_win = queries[n - 8:n].transpose(0, 1)
-    kept = select_tokens_with_settings(q_win, keys[:n].transpose(0, 1),
-                                       settings.replace(budget=p.kept))
+    kept = select_tokens_with_settings(q_win, keys[:n].transpose(0, 1), settings, keep=n - e)
     acc = FlashAttnCacheAccessor(d)
     k_tail, v_tail = acc.read_kv(kv, block_ids, torch.arange(e, n))
     for h in range(hkv):
         assert torch.equal(k_tail[h], keys[kept[h], h]) and torch.equal(v_tail[h],
                                                                         values[kept[h], h])
-    rec = core.state().compactions["req"]
+    rec = state.compactions["req"]
     assert (rec["prompt_len"], rec["evicted"], rec["kept"], rec["layers"]) == (n, e, n - e, 1)
 
     # Step 2: one decode token; the builder shifts into its buffers, attention reads N+1-E.
@@ -500,15 +494,16 @@ def test_prefill_compaction_then_shifted_decode(layout, monkeypatch, clean_core)
     ref = _dense(queries[n:n + 1], torch.stack([keys[idx[h], h] for h in range(hkv)]),
                  torch.stack([values[idx[h], h] for h in range(hkv)]), impl.scale)
     assert float((out.view(1, hq, d).double() - ref).abs().max()) < 1e-5
-    dbg = core.state().debug
+    dbg = state.debug
     assert dbg.checks["req"] == 1 and dbg.slot_err["req"] == 0.0 and dbg.max_err["req"] < 1e-5
 
 
-def test_impl_refuses_unsupported_layers(monkeypatch, clean_core) -> None:
+def test_impl_refuses_unsupported_layers(monkeypatch) -> None:
     monkeypatch.setattr(FlashAttentionImpl, "forward", lambda self, *a, **k: a[5])
     from vllm.v1.attention.backend import AttentionType
-    plan = core.StepPlan(stashing=[core.StashTask(0, "req", 0, 1, 0, 8)])
-    md = SimpleNamespace(snapkv_plan=plan, unshifted_block_table=None)
+    plan = stepplan.StepPlan((_shifted_row(0, 290, 256, 16, 299),))
+    md = SimpleNamespace(snapkv_plan=plan, snapkv_state=RunnerState(object()),
+                         unshifted_block_table=None)
     layer = SimpleNamespace(layer_name="l0")
     for change, what in ((dict(sliding_window=(127, 0)), "sliding-window"),
                          (dict(kv_sharing_target_layer_name="l0"), "KV sharing"),
@@ -553,7 +548,7 @@ def _vllm_config(**att):
     return SimpleNamespace(
         parallel_config=SimpleNamespace(worker_cls="vllm.v1.worker.gpu_worker.Worker"),
         scheduler_config=SimpleNamespace(async_scheduling=False, scheduler_cls=None),
-        cache_config=SimpleNamespace(cache_dtype="auto"),
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
         attention_config=AttentionConfig(**att), use_v2_model_runner=False)
 
 
@@ -578,7 +573,7 @@ def test_plugin_refuses_what_cuda_cannot_do(fake_cuda) -> None:
     from vllm_snapkv import plugin
 
     cases = [
-        (dict(cache_config=SimpleNamespace(cache_dtype="fp8")), "kv-cache-dtype fp8"),
+        (dict(cache_config=SimpleNamespace(cache_dtype="fp8", block_size=16)), "kv-cache-dtype fp8"),
         (dict(use_v2_model_runner=True), "V1 model runner"),
         (dict(parallel_config=SimpleNamespace(worker_cls="my.Worker")), "worker-cls"),
     ]

@@ -16,19 +16,42 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from vllm_snapkv import metrics
-from vllm_snapkv.placement import plan
+from vllm_snapkv.schedule import Schedule
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _probe_connector_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The probe connector the integration tests compose with ours (a connector of "your own").
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "integration"))
+
+
+def _schedule(n=2500, target=1024, bs=128, **kw) -> Schedule:
+    return Schedule(prompt_len=n, block_size=bs, method="snapkv", prompt_target=target, **kw)
+
+
 def test_request_summary_compressed_and_whole() -> None:
-    p = plan(2500, 1024, 128)  # E = 1408, kept 1092, 11 blocks freed
-    s = metrics.request_summary(2500, p, compacted=True)
-    assert s == {"compressed": True, "prompt_tokens": 2500, "kept_tokens": 1092,
-                 "evicted_tokens": 1408, "freed_blocks": 11, "ratio": 1092 / 2500}
-    whole = metrics.request_summary(2500, p, compacted=False)
+    p = _schedule()  # E = 1408, kept 1092, 11 blocks freed
+    s = metrics.request_summary(2500, p, progress=2500, processed=2510)
+    assert s == {"compressed": True, "method": "snapkv", "prompt_tokens": 2500,
+                 "kept_tokens": 1092, "evicted_tokens": 1408, "freed_blocks": 11,
+                 "compactions": 1, "final_kept_tokens": 1102, "ratio": 1092 / 2500}
+    whole = metrics.request_summary(2500, p, progress=0, processed=100)  # aborted in prefill
     assert whole["kept_tokens"] == 2500 and whole["freed_blocks"] == 0 and whole["ratio"] == 1.0
-    assert metrics.request_summary(5, None, False)["compressed"] is False
+    assert not whole["compressed"] and whole["compactions"] == 0
+    assert metrics.request_summary(5, None, 0, 7)["compressed"] is False
+
+
+def test_request_summary_counts_decode_compactions() -> None:
+    # prompt compaction at 2500 (E 1408), then decode budget 512 + interval 256.
+    p = _schedule(decode_budget=512, decode_interval=256)
+    done = list(p.compactions(3400))
+    assert [c.phase for c in done] == ["prompt", "decode", "decode", "decode", "decode"]
+    s = metrics.request_summary(2500, p, progress=done[-1].at, processed=3400)
+    assert s["compactions"] == 5 and s["kept_tokens"] == 1092  # the prompt phase's
+    assert s["evicted_tokens"] == done[-1].evicted and s["freed_blocks"] == done[-1].evicted // 128
+    assert s["final_kept_tokens"] == 3400 - done[-1].evicted
 
 
 def test_merge_keeps_a_real_connectors_params() -> None:
@@ -38,41 +61,53 @@ def test_merge_keeps_a_real_connectors_params() -> None:
 
 
 def test_aggregate_sums_counts_concats_and_takes_max_time() -> None:
-    a = {"compressed": [[2000, 1000, 7]], "skipped": {"fits_budget": 2},
+    a = {"compressed": [[2000, 1000, "snapkv", 1]], "skipped": {"fits_budget": 2},
+         "evicted": {"prompt": 1000}, "freed": {"prompt": 7},
          "selection_s": {"r1": 0.5}, "blocks_saved": 7}
-    b = {"compressed": [[3000, 1100, 14]], "skipped": {"fits_budget": 1, "opted_out": 1},
+    b = {"compressed": [[3000, 1100, "snapkv", 3]], "skipped": {"fits_budget": 1, "opted_out": 1},
+         "evicted": {"prompt": 1792, "decode": 256}, "freed": {"prompt": 14, "decode": 2},
          "selection_s": {"r1": 0.7, "r2": 0.1}, "blocks_saved": None}
     out = metrics.aggregate_data(a, b)
-    assert out["compressed"] == [[2000, 1000, 7], [3000, 1100, 14]]
+    assert out["compressed"] == [[2000, 1000, "snapkv", 1], [3000, 1100, "snapkv", 3]]
     assert out["skipped"] == {"fits_budget": 3, "opted_out": 1}
+    assert out["evicted"] == {"prompt": 2792, "decode": 256}
+    assert out["freed"] == {"prompt": 21, "decode": 2}
     assert out["selection_s"] == {"r1": 0.7, "r2": 0.1}
     assert out["blocks_saved"] == 7
     stats = metrics.SnapKVStats(data=a).aggregate(metrics.SnapKVStats(data=b))
     red = stats.reduce()
-    assert red["SnapKV compressed"] == 2 and red["skipped"] == 4 and red["freed blocks"] == 21
+    assert red["SnapKV compressed"] == 2 and red["skipped"] == 4 and red["freed blocks"] == 23
     assert red["kept ratio"] == pytest.approx(2100 / 5000, abs=1e-4)
     assert metrics.SnapKVStats().is_empty() and not stats.is_empty()
 
 
-def test_recorder_counts_each_request_once_and_tracks_the_gauge() -> None:
+def test_recorder_counts_each_compaction_and_request_once_and_tracks_the_gauge() -> None:
     rec = metrics.StatsRecorder()
     assert rec.take() is not None  # first take publishes the gauge (0)
     assert rec.take() is None  # nothing new
-    p = plan(2500, 1024, 128)
-    rec.compacted("a", p)
-    rec.compacted("a", p)  # recompute after preemption: not counted twice
+    p = _schedule(decode_budget=512, decode_interval=256)
+    first = list(p.compactions(2500))
+    rec.compacted("a", first, 128)
+    rec.compacted("a", first, 128)  # the same compaction again: not counted twice
     data = rec.take().data
-    assert data["compressed"] == [[2500, 1092, 11]] and data["blocks_saved"] == 11
+    assert data["evicted"] == {"prompt": 1408} and data["freed"] == {"prompt": 11}
+    assert data["blocks_saved"] == 11 and data["compressed"] == []
     rec.released("a")  # preempted
     assert rec.take().data["blocks_saved"] == 0
-    rec.compacted("a", p)
+    rec.compacted("a", first, 128)  # recomputed: compacted again, counted once
     assert rec.take().data == {**metrics.empty_data(), "blocks_saved": 11}
-    assert rec.was_compacted("a")
-    rec.finished("a", None)
-    rec.finished("b", metrics.SKIP_OPTED_OUT)
+    more = list(p.compactions(3000))[1:]
+    rec.compacted("a", more, 128)
     data = rec.take().data
+    assert data["evicted"] == {"decode": sum(c.evicted - c.prior for c in more)}
+    assert rec.progress("a") == more[-1].at
+    summary = metrics.request_summary(2500, p, rec.progress("a"), 3000)
+    rec.finished("a", summary, None)
+    rec.finished("b", metrics.request_summary(10, None, 0, 20), metrics.SKIP_OPTED_OUT)
+    data = rec.take().data
+    assert data["compressed"] == [[2500, 1092, "snapkv", 1 + len(more)]]
     assert data["blocks_saved"] == 0 and data["skipped"] == {"opted_out": 1}
-    assert not rec.was_compacted("a")
+    assert rec.progress("a") == 0
 
 
 PROBE = {"kv_connector": "ProbeConnector", "kv_connector_module_path": "probe_connector",
@@ -137,14 +172,36 @@ def test_our_connector_keeps_vanillas_cpu_core_reservation(monkeypatch: pytest.M
     {"kv_connector": "MultiConnector", "kv_role": "kv_both", "kv_connector_extra_config": {
         "connectors": [PROBE, {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}]}},
 ], ids=["example", "offloading", "nixl-consumer", "lmcache-own-module", "multi"])
-def test_vllm_connectors_that_move_prompt_kv_are_refused(user: dict) -> None:
+def test_connectors_that_move_kv_are_refused(user: dict) -> None:
+    """Judged by what the connector class does (its KV-moving hooks), not by its name; a class
+    that cannot even be loaded (LMCache is not installed here) cannot be vouched for."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
     args = EngineArgs(model="x", kv_transfer_config=KVTransferConfig(**user))
-    with pytest.raises(ValueError, match=r"^--kv-transfer-config with \w+ cannot be combined "
-                                         r"with --kv-compression snapkv: "):
+    with pytest.raises(ValueError, match=r"^--kv-transfer-config with \w+ \((implements|its "
+                                         r"class could not be loaded).* cannot be combined "
+                                         r"with --kv-compression: "):
         metrics.wire(args)
+
+
+def test_a_connector_judged_by_its_hooks_not_its_name(tmp_path, monkeypatch) -> None:
+    """A connector of your own named like nothing vLLM ships is refused when it implements a
+    KV-moving hook, and accepted when it inherits them from NoTransferConnector."""
+    (tmp_path / "my_conns.py").write_text(
+        "from vllm_snapkv.metrics_connector import NoTransferConnector\n"
+        "class Saver(NoTransferConnector):\n"
+        "    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kw):\n"
+        "        pass\n"
+        "class Watcher(NoTransferConnector):\n"
+        "    def request_finished(self, request, block_ids):\n"
+        "        return False, None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saver = {"kv_connector": "Saver", "kv_connector_module_path": "my_conns"}
+    watcher = {"kv_connector": "Watcher", "kv_connector_module_path": "my_conns"}
+    assert metrics.moves_kv(saver) == "Saver (implements save_kv_layer)"
+    assert metrics.moves_kv(watcher) is None
+    assert metrics.moves_kv({"kv_connector": "SnapKVConnector"}) is None
 
 
 def test_kv_offloading_is_refused() -> None:
@@ -154,9 +211,11 @@ def test_kv_offloading_is_refused() -> None:
         metrics.wire(EngineArgs(model="x", kv_offloading_size=4.0))
 
 
-def test_selection_timer_observes_compact_row() -> None:
-    """The worker-side timer gets one (request, seconds) per layer from ``compact_row``."""
-    from vllm_snapkv.backends import core
+def test_selection_timer_observes_every_compaction() -> None:
+    """The worker-side timer gets one (request, seconds) per layer and compaction."""
+    from vllm_snapkv.backends import compaction
+    from vllm_snapkv.backends.plan import RowPlan
+    from vllm_snapkv.backends.state import RunnerState
     from vllm_snapkv.settings import SnapKVSettings
 
     timer = metrics.SelectionTimer.install()
@@ -172,17 +231,17 @@ def test_selection_timer_observes_compact_row() -> None:
             return (torch.stack([keys[h, idx[h]] for h in range(hkv)]),
                     torch.stack([values[h, idx[h]] for h in range(hkv)]))
 
-        def compact(self, kv_cache, block_ids, kept, dest_start):
-            def write(pos, k, v):
-                keys[:, pos], values[:, pos] = k, v
-            return core.compact_by_read_write(lambda pos: self.read_kv(None, None, pos), write,
-                                              kept, dest_start)
+        def write_kv(self, kv_cache, block_ids, positions, k, v):
+            keys[:, positions], values[:, positions] = k, v
 
-    p = plan(n, 128, 64)
-    task = core.CompletionTask(0, "timed", 0, n, 0, p, SnapKVSettings(budget=128, window=8))
+    settings = SnapKVSettings(budget=128, window=8)
+    schedule = _schedule(n=n, target=128, bs=64)
+    (c,) = schedule.compactions(n)
+    row = RowPlan(0, "timed", 0, n, 0, settings, schedule, 0, (c,), None)
+    state = RunnerState(object())
     for layer in ("layer0", "layer1"):
-        core.compact_row(task, torch.randn(n, hq, d, generator=gen), torch.empty(0),
-                         torch.empty(0), DenseAccessor(), layer)
+        compaction.compact(row, c, torch.randn(n, hq, d, generator=gen), torch.empty(0),
+                           torch.empty(0), DenseAccessor(), state, layer)
     times = timer.take().data["selection_s"]
     assert list(times) == ["timed"] and 0 < times["timed"] < 10
     assert timer.take() is None
@@ -194,17 +253,22 @@ def test_prom_metrics_observe() -> None:
              (prometheus_client.Gauge, prometheus_client.Counter, prometheus_client.Histogram)}
     prom = metrics.SnapKVPromMetrics(_Cfg(), kinds, ["model_name", "engine"],
                                      {0: ["m", "0"]})
-    prom.observe({"compressed": [[2000, 1000, 7], [4000, 1000, 23]],
+    prom.observe({"compressed": [[2000, 1000, "snapkv", 1], [4000, 1000, "keydiff", 4]],
+                  "evicted": {"prompt": 4000, "decode": 512}, "freed": {"prompt": 30,
+                                                                        "decode": 4},
                   "skipped": {"fits_budget": 3}, "selection_s": {"r": 0.02},
                   "blocks_saved": 30})
     lbl = {"model_name": "m", "engine": "0"}
+    snap, kd = {**lbl, "method": "snapkv"}, {**lbl, "method": "keydiff"}
     v = reg.get_sample_value
-    assert v("vllm:snapkv_compression_ratio_count", lbl) == 2
-    assert v("vllm:snapkv_compression_ratio_sum", lbl) == pytest.approx(0.75)
-    assert v("vllm:snapkv_compression_factor_sum", lbl) == pytest.approx(6.0)
-    assert v("vllm:snapkv_compressed_requests_total", lbl) == 2
-    assert v("vllm:snapkv_evicted_tokens_total", lbl) == 4000
-    assert v("vllm:snapkv_freed_blocks_total", lbl) == 30
+    assert v("vllm:snapkv_compression_ratio_count", snap) == 1
+    assert v("vllm:snapkv_compression_ratio_sum", kd) == pytest.approx(0.25)
+    assert v("vllm:snapkv_compression_factor_sum", snap) == pytest.approx(2.0)
+    assert v("vllm:snapkv_compressed_requests_total", kd) == 1
+    assert v("vllm:snapkv_compactions_sum", kd) == 4
+    assert v("vllm:snapkv_evicted_tokens_total", {**lbl, "phase": "prompt"}) == 4000
+    assert v("vllm:snapkv_evicted_tokens_total", {**lbl, "phase": "decode"}) == 512
+    assert v("vllm:snapkv_freed_blocks_total", {**lbl, "phase": "decode"}) == 4
     assert v("vllm:snapkv_skipped_requests_total", {**lbl, "reason": "fits_budget"}) == 3
     assert v("vllm:snapkv_selection_seconds_count", lbl) == 1
     assert v("vllm:snapkv_blocks_saved", lbl) == 30

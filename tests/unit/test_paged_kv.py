@@ -8,7 +8,8 @@ What these tests prove, and why each matters (``DESIGN.md``, "Pitfall ... physic
 * :func:`write_kv` stores the very bytes the kernel's write op stores, and the real attention
   kernel (``ops.cpu_attention_with_kv_cache``) over those slots matches dense fp64 attention to
   fp32 noise (a layout bug shows up as errors of 1e-1, not 1e-3).
-* :func:`compact` (per-head kept sets, overlapping source/destination): the kernel attending over
+* compaction (:func:`~vllm_snapkv.backends.compaction.move_kept` through the accessor; per-head
+  kept sets, overlapping source/destination): the kernel attending over
   the compacted tail ``[E, N)`` through a block table without the first ``E / bs`` blocks equals
   dense attention over exactly each KV head's kept tokens, GQA-grouped as vLLM groups query heads.
 """
@@ -21,9 +22,9 @@ import torch
 ops = pytest.importorskip("vllm._custom_ops")
 cpu_attn = pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
 
+from vllm_snapkv.backends.compaction import move_kept  # noqa: E402
 from vllm_snapkv.paged_kv import (  # noqa: E402
     TokenLayout,
-    compact,
     layout_for_cache,
     probe_cpu_layout,
     read_kv,
@@ -55,6 +56,23 @@ def _isa(dtype: torch.dtype, block_size: int, head_size: int, isa: str | None) -
 def _layout(dtype, head_size, block_size, isa) -> tuple[TokenLayout, str]:
     isa = _isa(dtype, block_size, head_size, isa)
     return probe_cpu_layout(head_size, block_size, dtype, isa), isa
+
+
+class _Accessor:
+    """The CPU adapter's accessor, spelled out: read/write through a probed layout."""
+
+    def __init__(self, layout: TokenLayout) -> None:
+        self.layout = layout
+
+    def read_kv(self, kv_cache, block_ids, positions):
+        return read_kv(kv_cache, block_ids, positions, self.layout)
+
+    def write_kv(self, kv_cache, block_ids, positions, keys, values):
+        write_kv(kv_cache, block_ids, positions, keys, values, self.layout)
+
+
+def compact(kv, block_ids, kept, dest_start, layout) -> int:
+    return move_kept(_Accessor(layout), kv, block_ids, kept, dest_start)
 
 
 def _split(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,4 +444,4 @@ def test_argument_checks() -> None:
         write_kv(kv, block_ids, torch.arange(3), torch.zeros(2, 4, 64), torch.zeros(2, 4, 64),
                  layout)
     with pytest.raises(ValueError):
-        compact(kv, block_ids, torch.arange(4), 0, layout)
+        compact(kv, block_ids, torch.arange(4), 0, layout)  # kept must be [H, k]

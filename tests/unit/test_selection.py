@@ -14,16 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from snapkv_reference import reference_budget, reference_keep, reference_scores
+
 from vllm_snapkv import select_tokens
-from vllm_snapkv.selection import (
+from vllm_snapkv.methods.snapkv import (
     DEFAULT_TILE_ELEMENTS,
     MIN_TILE_SIZE,
+    resolve_tile_size,
+    window_scores,
+)
+from vllm_snapkv.selection import (
     effective_budget,
     kept_count,
-    resolve_tile_size,
     select_from_scores,
     select_tokens_with_settings,
-    window_scores,
 )
 from vllm_snapkv.settings import (
     KVPRESS_PRESET,
@@ -35,67 +39,6 @@ from vllm_snapkv.settings import (
 # --------------------------------------------------------------------------------------------
 # Independent reference
 # --------------------------------------------------------------------------------------------
-
-
-def reference_budget(n: int, *, budget, ratio, window, sink) -> int:
-    """The documented rule, restated: budget, or kvpress's count for compression 1 - ratio."""
-    if budget is not None:
-        return budget
-    compression_ratio = 1 - ratio
-    return max(max(1, int(n * (1 - compression_ratio))), window + sink + 1)
-
-
-def reference_scores(q, k, *, window, kernel, pooling, reduction, gqa_aggregation):
-    """[Hkv, N - w] float64 smoothed scores, the textbook way."""
-    q = q.double()
-    k = k.double()
-    hq, w, d = q.shape
-    hkv, n, _ = k.shape
-    g = hq // hkv
-    p = n - w
-    per_query_head = []
-    for h in range(hq):
-        kv = h // g  # HF/vLLM: query heads [kv*g, (kv+1)*g) share KV head kv
-        logits = (q[h] @ k[kv].T) / math.sqrt(d)  # [w, n]
-        for i in range(w):
-            # window query i is the token at position n - w + i; it sees keys 0 .. n - w + i
-            logits[i, n - w + i + 1 :] = float("-inf")
-        probs = torch.softmax(logits, dim=-1)[:, :p]
-        r = probs.sum(dim=0) if reduction == "sum" else probs.mean(dim=0)
-        half = kernel // 2
-        if pooling == "avg":
-            padded = F.pad(r, (half, half), value=0.0)
-            pooled = padded.unfold(0, kernel, 1).sum(dim=-1) / kernel
-        else:
-            padded = F.pad(r, (half, half), value=float("-inf"))
-            pooled = padded.unfold(0, kernel, 1).max(dim=-1).values
-        per_query_head.append(pooled)
-    rows = []
-    for kv in range(hkv):
-        grp = torch.stack(per_query_head[kv * g : (kv + 1) * g])
-        rows.append(grp.mean(dim=0) if gqa_aggregation == "mean" else grp.max(dim=0).values)
-    return torch.stack(rows)
-
-
-def reference_keep(q, k, *, budget=None, ratio=None, window, kernel, pooling, reduction,
-                   gqa_aggregation, sink):
-    """(kept positions per KV head as lists, reference scores or None)."""
-    hkv, n, _ = k.shape
-    b = reference_budget(n, budget=budget, ratio=ratio, window=window, sink=sink)
-    if n <= b:
-        return [list(range(n)) for _ in range(hkv)], None
-    scores = reference_scores(
-        q, k, window=window, kernel=kernel, pooling=pooling, reduction=reduction,
-        gqa_aggregation=gqa_aggregation,
-    )
-    p = n - window
-    kept = []
-    for kv in range(hkv):
-        s = scores[kv].tolist()
-        ranked = sorted(range(sink, p), key=lambda i: (-s[i], i))
-        top = sorted(ranked[: b - window - sink])
-        kept.append(list(range(sink)) + top + list(range(p, n)))
-    return kept, scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,16 +531,25 @@ def test_tiled_scoring_memory_is_bounded():
     assert peak < full_bytes // 4, (peak, full_bytes)
 
 
-def test_recency_scorer_keeps_sinks_and_the_most_recent_tokens():
+def test_recency_method_keeps_sinks_and_the_most_recent_tokens():
     torch.manual_seed(0)
     n, w = 300, 16
     q, k = torch.randn(8, w, 64), torch.randn(2, n, 64)
-    settings = SnapKVSettings(budget=100, window=w, sink=4, scorer="recency")
+    settings = SnapKVSettings(budget=100, window=w, sink=4, method="recency")
     kept = select_tokens_with_settings(q, k, settings)
     expected = torch.cat([torch.arange(4), torch.arange(n - 96, n)])
     assert torch.equal(kept, expected.expand(2, 100))
-    # The queries and keys play no part in it.
-    assert torch.equal(select_tokens_with_settings(-q, k * 3, settings), kept)
+    # The queries and keys play no part in it (no queries needed at all).
+    assert torch.equal(select_tokens_with_settings(None, k * 3, settings), kept)
     # Whereas SnapKV's vote, on the same inputs, keeps something else.
-    assert not torch.equal(select_tokens_with_settings(q, k, settings.replace(scorer="snapkv")),
+    assert not torch.equal(select_tokens_with_settings(q, k, settings.replace(method="snapkv")),
                            kept)
+
+
+def test_recency_sinks_default_to_four_and_an_explicit_zero_is_honoured():
+    k = torch.randn(1, 200, 8)
+    assert SnapKVSettings(budget=50, window=8, method="recency").sinks == 4
+    kept = select_tokens(None, k, method="recency", budget=50, window=8, sink=0)
+    assert torch.equal(kept[0], torch.arange(150, 200))  # no sinks: the 50 most recent
+    kept = select_tokens(None, k, method="recency", budget=50, window=8)
+    assert torch.equal(kept[0], torch.cat([torch.arange(4), torch.arange(154, 200)]))

@@ -21,10 +21,12 @@ from vllm_snapkv.settings import (
 
 def test_defaults():
     s = SnapKVSettings(budget=1024)
-    assert (s.window, s.kernel, s.pooling, s.reduction, s.gqa_aggregation, s.sink) == (
+    assert (s.window, s.kernel, s.pooling, s.reduction, s.gqa_aggregation, s.sinks) == (
         DEFAULT_WINDOW, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_REDUCTION,
         DEFAULT_GQA_AGGREGATION, 0,
     )
+    assert s.sink is None and s.method == "snapkv"  # sink: the method's default
+    assert (s.decode_budget, s.prefill_budget) == (None, None)  # phases off
     assert (s.window, s.kernel, s.pooling, s.reduction, s.gqa_aggregation) == (
         32, 15, "avg", "sum", "mean"
     )

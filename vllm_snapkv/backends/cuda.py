@@ -3,9 +3,9 @@
 NOT RUN ON A GPU: written and unit-tested on a CPU-only machine against vLLM 0.32's Python
 sources (see ``docs/cuda.md`` for what was and was not checked, and how to check the rest).
 
-Everything backend-agnostic (which rows complete prefill, window queries and their stash,
-selection, compaction order, the metadata shift, debug checks) is shared with the CPU adapter
-through :mod:`vllm_snapkv.backends.core`. This module only knows
+Everything backend-agnostic (step planning and the metadata shift, ranking and moving the kept
+K/V, the window-query stash, the debug oracle) is shared with the CPU adapter
+(:mod:`.plan`, :mod:`.compaction`). This module only knows
 
 * **FlashAttention's cache layout** (:class:`FlashAttnCacheAccessor`). vLLM 0.32 hands each
   layer's cache to the backend as a *logical* 4-D view ``kv_cache[B, H, N, 2*D]`` whose strides
@@ -39,16 +39,19 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
-from vllm.v1.attention.backends.flash_attn import (
-    FlashAttentionBackend,
-    FlashAttentionImpl,
-    FlashAttentionMetadata,
-    FlashAttentionMetadataBuilder,
-)
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_snapkv.backends import core
+from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.backends import compaction, plan
+from vllm_snapkv.backends.state import RunnerState, state_for
+from vllm_snapkv.kv_cache import SnapKVAttentionSpec
+
+AttentionCGSupport = seam.get("AttentionCGSupport")
+AttentionType = seam.get("AttentionType")
+FlashAttentionBackend = seam.get("FlashAttentionBackend")
+FlashAttentionImpl = seam.get("FlashAttentionImpl")
+FlashAttentionMetadata = seam.get("FlashAttentionMetadata")
+FlashAttentionMetadataBuilder = seam.get("FlashAttentionMetadataBuilder")
+FullAttentionSpec = seam.get("FullAttentionSpec")
 
 logger = logging.getLogger("vllm_snapkv")
 
@@ -76,7 +79,8 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
 
 
 class FlashAttnCacheAccessor:
-    """:class:`core.CacheAccessor` over one FlashAttention cache (any ``KVCacheLayout``).
+    """:class:`~vllm_snapkv.backends.compaction.CacheAccessor` over one FlashAttention cache
+    (any ``KVCacheLayout``).
 
     ``kv_cache`` is the per-layer logical view ``[num_blocks, H, block_size, 2 * D]`` exactly as
     vLLM hands it to ``FlashAttentionImpl``; ``block_ids`` a request's block table row in
@@ -141,17 +145,13 @@ class FlashAttnCacheAccessor:
         k.index_put_((blk, heads, tok), keys.to(kv_cache.dtype))
         v.index_put_((blk, heads, tok), values.to(kv_cache.dtype))
 
-    def compact(self, kv_cache, block_ids, kept, dest_start):
-        return core.compact_by_read_write(
-            lambda pos: self.read_kv(kv_cache, block_ids, pos),
-            lambda pos, keys, values: self.write_kv(kv_cache, block_ids, pos, keys, values),
-            kept.to(kv_cache.device), dest_start)
-
 
 @dataclass
 class SnapKVFlashAttentionMetadata(FlashAttentionMetadata):
-    #: This step's compression plan (None: nothing compressed in the batch).
-    snapkv_plan: core.StepPlan | None = None
+    #: This step's plan (None: nothing to do for any row).
+    snapkv_plan: plan.StepPlan | None = None
+    #: The model runner's state (stash, records, debug oracle).
+    snapkv_state: RunnerState | None = None
     #: The block table before the shift (compaction and debug read logical positions through it).
     unshifted_block_table: torch.Tensor | None = None
 
@@ -167,15 +167,16 @@ class SnapKVFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     # block table swapped (unshifted); build each group's metadata instead.
     supports_update_block_table = False
 
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self._snapkv_active = isinstance(kv_cache_spec, FullAttentionSpec)
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+        self._snapkv_state = state_for(vllm_config) \
+            if isinstance(kv_cache_spec, FullAttentionSpec) else None
         self._snapkv_seq_lens: torch.Tensor | None = None
         self._snapkv_block_table: torch.Tensor | None = None
 
     def snapkv_buffers(self, seq_lens: torch.Tensor,
                        block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Persistent output buffers for :func:`core.shift_rows`, sliced to this step's shape.
+        """Persistent output buffers for :func:`~vllm_snapkv.backends.plan.shift_rows`, sliced to this step's shape.
 
         Allocated once (rows: ``max(max_num_seqs, rows seen)``, the block table's width) on the
         inputs' device/dtype, and reused every step, so the tensors FlashAttention reads keep
@@ -196,22 +197,11 @@ class SnapKVFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             self._snapkv_seq_lens, self._snapkv_block_table = buf_s, buf_b
         return buf_s[: seq_lens.shape[0]], buf_b[: block_table.shape[0]]
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> FlashAttentionMetadata:
-        cm = common_attn_metadata
-        plan = None
-        if self._snapkv_active:
-            plan = core.plan_step(core.current_batch(), cm.query_start_loc_cpu, cm.num_reqs)
-        if plan is None:
-            return super().build(common_prefix_len, cm, fast_build)
-        unshifted = cm.block_table_tensor
-        if plan.shifted:
-            out_s, out_b = self.snapkv_buffers(cm.seq_lens, cm.block_table_tensor)
-            cm = core.shift_common_metadata(cm, plan, self.block_size, out_seq_lens=out_s,
-                                            out_block_table=out_b)
-        md = super().build(common_prefix_len, cm, fast_build)
-        return core.extend_metadata(md, FlashAttentionMetadata, SnapKVFlashAttentionMetadata,
-                                    snapkv_plan=plan, unshifted_block_table=unshifted)
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
+        return plan.build_metadata(self, super().build, common_prefix_len, common_attn_metadata,
+                                   fast_build, state=self._snapkv_state,
+                                   base_cls=FlashAttentionMetadata,
+                                   cls=SnapKVFlashAttentionMetadata, buffers=self.snapkv_buffers)
 
 
 class SnapKVFlashAttentionImpl(FlashAttentionImpl):
@@ -248,20 +238,24 @@ class SnapKVFlashAttentionImpl(FlashAttentionImpl):
                 output_scale=None, output_block_scale=None):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                               output_scale, output_block_scale)
-        plan = getattr(attn_metadata, "snapkv_plan", None)
-        if plan is None or self.attn_type != AttentionType.DECODER:
+        step_plan = getattr(attn_metadata, "snapkv_plan", None)
+        if step_plan is None or self.attn_type != AttentionType.DECODER:
             return out
         self._snapkv_check_supported()
         q = query.view(query.shape[0], self.num_heads, self.head_size)
-        core.after_attention(plan, layer.layer_name, q, output, kv_cache,
-                             attn_metadata.unshifted_block_table, self._get_accessor,
-                             self.scale)
+        compaction.after_attention(step_plan, attn_metadata.snapkv_state, layer.layer_name, q,
+                                   output, kv_cache, attn_metadata.unshifted_block_table,
+                                   self._get_accessor, self.scale)
         return out
 
 
 class SnapKVFlashAttentionBackend(FlashAttentionBackend):
     """``FLASH_ATTN`` with paged SnapKV eviction, registered as ``AttentionBackendEnum.CUSTOM``
     (by the SnapKV GPU worker and the plugin; selected through ``attention_config.backend``)."""
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return SnapKVAttentionSpec.from_spec(super().customize_spec(spec))
 
     @staticmethod
     def get_impl_cls() -> type[SnapKVFlashAttentionImpl]:

@@ -1,0 +1,170 @@
+"""The one seam to vLLM's internals: complete, checked against real vLLM sources, and loud.
+
+* every hook holds in the installed vLLM (0.32) and in vLLM 0.33.0's wheel sources (downloaded
+  from PyPI with ``pip download --no-deps``, unpacked, never installed), and the
+  version-dependent features read from the sources differ where the releases differ;
+* a moved or changed internal is reported by name, and stops engine start-up with a message
+  naming the hook and the vLLM version;
+* no module but the seam imports vLLM, and every vLLM method the plugin overrides is a hook.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_snapkv import vllm_seam as seam
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "vllm_snapkv"
+
+
+def test_installed_vllm_holds_every_hook() -> None:
+    assert seam.check() == {}
+    assert seam.tree_version(seam.installed_root()).startswith("0.32")
+    assert not seam.feature("streams_kv_transfer_params")
+    assert not seam.feature("prefix_hit_cap")
+
+
+@pytest.fixture(scope="module")
+def vllm_033() -> Path:
+    return seam.release_sources("0.33.0", REPO / ".cache")
+
+
+def test_vllm_033_sources_hold_every_hook(vllm_033: Path) -> None:
+    assert seam.tree_version(vllm_033) == "0.33.0"
+    assert seam.check_tree(vllm_033) == {}
+    # What changed in 0.33 and the plugin adapts to: vLLM streams kv_transfer_params itself,
+    # and caps prefix-cache hits natively.
+    assert seam.feature("streams_kv_transfer_params", vllm_033)
+    assert seam.feature("prefix_hit_cap", vllm_033)
+    # make_arg_parser moved: found through its alternative place.
+    hook = next(h for h in seam.HOOKS if h.name == "make_arg_parser")
+    assert seam._check_place(vllm_033, hook, hook.module, hook.target) is None
+    assert seam._check_place(vllm_033, hook, *hook.alternatives[0]) is not None
+
+
+def _copy_module(root: Path, module: str, tmp: Path) -> Path:
+    src = root.joinpath(*module.split(".")).with_suffix(".py")
+    dst = tmp.joinpath(*module.split(".")).with_suffix(".py")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    return dst
+
+
+def test_a_changed_internal_is_reported_by_name(tmp_path: Path) -> None:
+    root = seam.installed_root()
+    sched = _copy_module(root, "vllm.v1.core.sched.scheduler", tmp_path)
+    hooks = [h for h in seam.HOOKS if h.module == "vllm.v1.core.sched.scheduler"]
+    assert seam.check_tree(tmp_path, hooks) == {}
+    text = sched.read_text()
+    # A vLLM that renamed the chunk hook, and one whose prefix-hit method grew a required
+    # parameter (an override taking the old arguments would raise on the first request).
+    text = text.replace("_reserve_prefill_lookahead", "_reserve_lookahead")
+    text = text.replace("def _get_local_prefix_cache_hit(\n        self, request: Request\n",
+                        "def _get_local_prefix_cache_hit(\n        self, request: Request, "
+                        "cap: int\n")
+    sched.write_text(text)
+    problems = seam.check_tree(tmp_path, hooks)
+    assert set(problems) == {"Scheduler._reserve_prefill_lookahead",
+                             "Scheduler._get_local_prefix_cache_hit",
+                             "Scheduler.schedule cuts chunks"}
+    assert "takes (self, request, cap)" in problems["Scheduler._get_local_prefix_cache_hit"]
+    assert "no longer calls _reserve_prefill_lookahead" in \
+        problems["Scheduler.schedule cuts chunks"]
+
+
+def test_a_missing_module_or_attribute_is_reported(tmp_path: Path) -> None:
+    root = seam.installed_root()
+    mgr = _copy_module(root, "vllm.v1.core.single_type_kv_cache_manager", tmp_path)
+    mgr.write_text(mgr.read_text().replace("self._null_block =", "self.null_blk ="))
+    hooks = [h for h in seam.HOOKS if h.module in ("vllm.v1.core.single_type_kv_cache_manager",
+                                                    "vllm.v1.worker.cpu_worker")]
+    problems = seam.check_tree(tmp_path, hooks)
+    assert "has no attribute _null_block" in problems["SingleTypeKVCacheManager._null_block"]
+    assert problems["CPUWorker"] == "module vllm.v1.worker.cpu_worker not found"
+
+
+def test_startup_stops_naming_the_hook_and_the_version(tiny_path) -> None:
+    """A vLLM lacking a hook stops ``create_engine_config`` (every way of starting an engine)
+    before anything else happens, with a message that names it and the installed version."""
+    code = f"""
+import vllm_snapkv.vllm_seam as seam
+seam.HOOKS = seam.HOOKS + (seam.Hook("Scheduler.gone", "vllm.v1.core.sched.scheduler",
+                                     "Scheduler.gone", "method", why="a test"),)
+seam._BY_NAME = {{h.name: h for h in seam.HOOKS}}
+from vllm_snapkv import plugin
+plugin.register()
+from vllm.engine.arg_utils import EngineArgs
+args = EngineArgs(model={str(tiny_path)!r}, additional_config={{"kv_compression": "snapkv"}})
+try:
+    args.create_engine_config()
+except seam.IncompatibleVLLM as exc:
+    print("REFUSED", exc)
+else:
+    print("STARTED")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert "REFUSED" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    msg = out.stdout[out.stdout.index("REFUSED"):]
+    assert "vLLM 0.32.0" in msg and "Scheduler.gone" in msg and "Scheduler.gone not found" in msg
+
+
+def test_only_the_seam_imports_vllm() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "vllm_seam.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                          if n == "vllm" or n.startswith("vllm.")]
+    assert offenders == []
+
+
+def _overrides(cls: type, base: type) -> set[str]:
+    """Methods ``cls`` (and its SnapKV bases) define that ``base`` also has."""
+    own = set()
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("vllm_snapkv"):
+            own |= {n for n, v in vars(klass).items() if inspect.isfunction(v) or
+                    isinstance(v, (classmethod, staticmethod))}
+    return {n for n in own if hasattr(base, n) and not n.startswith("__")} | \
+        ({"__init__"} if "__init__" in vars(cls) else set())
+
+
+def test_every_overridden_vllm_method_is_a_hook() -> None:
+    from vllm_snapkv import scheduler, worker
+    from vllm_snapkv.backends import cpu, cuda
+    from vllm_snapkv.kv_cache import SnapKVAttentionSpec, SnapKVFullAttentionManager
+
+    targets = {h.target for h in seam.HOOKS}
+    cases = [
+        (scheduler.SnapKVScheduler, "Scheduler", {"__init__"}),
+        (SnapKVFullAttentionManager, "FullAttentionManager", {"__init__"}),
+        (worker.SnapKVCPUModelRunner, "GPUModelRunner", {"__init__"}),
+        (cpu.SnapKVCPUImpl, "CPUAttentionBackendImpl", set()),
+        (cpu.SnapKVCPUMetadataBuilder, "CPUAttentionMetadataBuilder", set()),
+        (cpu.SnapKVCPUBackend, "CPUAttentionBackend", {"get_impl_cls", "get_builder_cls"}),
+        (cuda.SnapKVFlashAttentionImpl, "FlashAttentionImpl", set()),
+        (cuda.SnapKVFlashAttentionMetadataBuilder, "FlashAttentionMetadataBuilder", set()),
+        (SnapKVAttentionSpec, "FullAttentionSpec", {"__init__"}),  # dataclass-made
+    ]
+    for cls, base_name, public in cases:
+        base = seam.get(base_name)
+        for name in _overrides(cls, base) - public:
+            qualified = {f"{k.__name__}.{name}" for k in base.__mro__}
+            assert qualified & targets or name in ("customize_spec",) and \
+                "AttentionBackend.customize_spec" in targets, \
+                f"{cls.__name__}.{name} overrides vLLM's {base_name}.{name}: not a seam hook"

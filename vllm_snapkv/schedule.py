@@ -1,0 +1,252 @@
+"""When a request compacts, and what it keeps: a pure function both sides evaluate.
+
+The paged cache keeps ``num_computed_tokens`` at its true value; only what attention *reads*
+shrinks. A request's cache is the logical slots ``[0, L)`` of its blocks (``L`` = tokens
+processed). At any moment attention reads ``[E, L)``: the first ``E`` slots — a whole number of
+blocks — have been evicted and their blocks returned to the pool.
+
+A **compaction** ``c`` happens once ``c.at`` tokens are processed (in the engine step that
+processes token ``c.at - 1``, after that step's attention): the method ranks the attended slots
+``[c.prior, c.at)``, each KV head keeps ``c.kept = c.at - c.evicted`` of them (the last
+``window`` always among them, in place), and they move into slots ``[c.evicted, c.at)``. Blocks
+``[c.prior / bs, c.evicted / bs)`` are then freed. ``evicted`` is a multiple of the block size,
+grows from one compaction to the next, and is computed by rounding *down*, so a compaction keeps
+the budget or up to one block more, never less.
+
+A request's :class:`Schedule` lists its compactions, in three phases:
+
+* **prefill** (``prefill_budget`` P, ``prefill_interval`` C): while a long prompt is read,
+  whenever the attended part reaches ``P + C`` tokens, keep ``P``: at ``P + kC`` for
+  ``k = 1, 2, ...`` while that is before the prompt's end, evicting ``kC``. The prompt is never
+  held whole.
+* **prompt** (``budget``/``ratio``): at the prompt's end ``N``, keep the target
+  ``t = kept_count(N)``: ``E = floor((N - t) / bs) * bs`` — the placement the plugin started
+  with. Left out when it would free no block.
+* **decode** (``decode_budget`` B, ``decode_interval`` S, a multiple of the block size): whenever
+  the attended KV reaches ``B + S`` tokens during generation, keep ``B`` (the first one, if the
+  prompt is still larger than that after its own compaction, right after the first generated
+  token). Each later compaction evicts exactly ``S`` tokens and keeps exactly ``B``, so a request
+  holds at most ``ceil((B + S) / bs)`` blocks plus the one a new token opens.
+
+Everything here is a pure function of (prompt length, settings, block size) and of the number
+of tokens processed, so the scheduler (which frees blocks and caps prefill chunks at compaction
+points) and every worker (which compacts and shifts the attention metadata) evaluate it
+independently and agree without a channel. A preempted request starts over from 0 tokens and
+meets the same compactions again.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+__all__ = ["PHASES", "Compaction", "Schedule", "round_to_blocks"]
+
+#: Compaction phases, in the order a request meets them.
+PHASES: tuple[str, ...] = ("prefill", "prompt", "decode")
+
+
+def round_to_blocks(tokens: int, block_size: int) -> int:
+    """``tokens`` rounded up to a whole number of blocks (at least one block)."""
+    return max(block_size, -(-tokens // block_size) * block_size)
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """One compaction of one request.
+
+    Attributes:
+        at: it runs once this many tokens are processed (after the step processing token
+            ``at - 1``).
+        prior: slots ``[0, prior)`` were evicted before it; it ranks slots ``[prior, at)``.
+        evicted: slots ``[0, evicted)`` are evicted after it (a multiple of the block size).
+        phase: ``"prefill"``, ``"prompt"`` or ``"decode"``.
+        method: the method that ranks the slots.
+    """
+
+    at: int
+    prior: int
+    evicted: int
+    phase: str
+    method: str
+
+    @property
+    def kept(self) -> int:
+        """Slots each KV head keeps: ``at - evicted``."""
+        return self.at - self.evicted
+
+    @property
+    def attended(self) -> int:
+        """Slots ranked: ``at - prior``."""
+        return self.at - self.prior
+
+    def freed_blocks(self, block_size: int) -> int:
+        """Blocks this compaction returns to the pool."""
+        return (self.evicted - self.prior) // block_size
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The compactions of one request (see the module docstring).
+
+    Attributes:
+        prompt_len: N.
+        block_size: tokens per KV block.
+        method: the request's method (prompt and decode compactions).
+        prompt_target: tokens per KV head kept at the prompt's end (``None``: no prompt
+            compaction).
+        prefill_budget / prefill_interval / prefill_method: the prefill phase (``None`` budget:
+            off).
+        decode_budget / decode_interval: the decode phase (``None`` budget: off).
+    """
+
+    prompt_len: int
+    block_size: int
+    method: str
+    prompt_target: int | None = None
+    prefill_budget: int | None = None
+    prefill_interval: int = 0
+    prefill_method: str = ""
+    decode_budget: int | None = None
+    decode_interval: int = 0
+    _finite: tuple[Compaction, ...] = field(init=False, repr=False, compare=False)
+    _finite_at: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n, bs = self.prompt_len, self.block_size
+        if n < 0 or bs < 1:
+            raise ValueError(f"bad schedule sizes: prompt_len={n}, block_size={bs}")
+        for name in ("prefill_interval", "decode_interval"):
+            budget = getattr(self, name.replace("interval", "budget"))
+            value = getattr(self, name)
+            if budget is not None and (value < bs or value % bs):
+                raise ValueError(f"{name}={value} must be a positive multiple of the block "
+                                 f"size ({bs})")
+        events: list[Compaction] = []
+        evicted = 0
+        if self.prefill_budget is not None:
+            p, c = self.prefill_budget, self.prefill_interval
+            for k in range(1, max(0, (n - 1 - p) // c) + 1):
+                events.append(Compaction(p + k * c, evicted, k * c, "prefill",
+                                         self.prefill_method or self.method))
+                evicted = k * c
+        if self.prompt_target is not None and self.prompt_target < n:
+            e = (n - self.prompt_target) // bs * bs
+            if e > evicted:
+                events.append(Compaction(n, evicted, e, "prompt", self.method))
+                evicted = e
+        if self.decode_budget is not None:
+            b, s = self.decode_budget, self.decode_interval
+            at = max(evicted + b + s, n + 1)
+            e = (at - b) // bs * bs
+            events.append(Compaction(at, evicted, e, "decode", self.method))
+        object.__setattr__(self, "_finite", tuple(events))
+        object.__setattr__(self, "_finite_at", tuple(c.at for c in events))
+
+    # -------------------------------------------------------------------------- lookups
+
+    @property
+    def compresses(self) -> bool:
+        """Whether the request ever compacts (whatever its output length)."""
+        return bool(self._finite)
+
+    @property
+    def first(self) -> Compaction | None:
+        """The first compaction (``None`` when there is none)."""
+        return self._finite[0] if self._finite else None
+
+    @property
+    def prompt_compaction(self) -> Compaction | None:
+        """The compaction at the prompt's end, if any."""
+        for c in self._finite:
+            if c.phase == "prompt":
+                return c
+        return None
+
+    @property
+    def cache_limit(self) -> int | None:
+        """Slots below this are never rewritten (the first compaction's eviction), so only
+        blocks below it may be hashed for prefix caching or reused from it; ``None``: no
+        limit (the request never compacts)."""
+        return self._finite[0].evicted if self._finite else None
+
+    def _decode(self, j: int) -> Compaction:
+        """The j-th decode compaction, j >= 1 (closed form after the first)."""
+        first = self._finite[-1]
+        if j == 1:
+            return first
+        s, b = self.decode_interval, self.decode_budget
+        assert b is not None
+        e = first.evicted + (j - 1) * s
+        return Compaction(e + b, e - s, e, "decode", self.method)
+
+    def _decode_index(self, processed: int) -> int:
+        """How many decode compactions have ``at <= processed`` (decode phase on)."""
+        first = self._finite[-1]
+        if processed < first.at:
+            return 0
+        second_at = first.evicted + self.decode_budget + self.decode_interval  # type: ignore[operator]
+        if processed < second_at:
+            return 1
+        return 2 + (processed - second_at) // self.decode_interval
+
+    def _count_at_most(self, processed: int) -> int:
+        """Number of compactions with ``at <= processed``."""
+        finite = bisect.bisect_right(self._finite_at, processed)
+        if self.decode_budget is None or finite < len(self._finite):
+            return finite
+        return len(self._finite) - 1 + self._decode_index(processed)
+
+    def _nth(self, i: int) -> Compaction:
+        """The i-th compaction (0-based)."""
+        if i < len(self._finite) - (1 if self.decode_budget is not None else 0):
+            return self._finite[i]
+        if self.decode_budget is None:
+            raise IndexError(i)
+        return self._decode(i - len(self._finite) + 2)
+
+    def evicted_at(self, processed: int) -> int:
+        """Slots evicted once ``processed`` tokens are processed (what attention skips)."""
+        count = self._count_at_most(processed)
+        return self._nth(count - 1).evicted if count else 0
+
+    def compactions_done(self, processed: int) -> int:
+        """How many compactions have run once ``processed`` tokens are processed."""
+        return self._count_at_most(processed)
+
+    def next_after(self, processed: int) -> Compaction | None:
+        """The first compaction with ``at > processed`` (``None``: no more)."""
+        count = self._count_at_most(processed)
+        if self.decode_budget is None and count >= len(self._finite):
+            return None
+        return self._nth(count)
+
+    def between(self, lo: int, hi: int) -> list[Compaction]:
+        """Compactions with ``lo < at <= hi``, in order (those of one engine step that
+        processes tokens ``[lo, hi)``)."""
+        out = []
+        i = self._count_at_most(lo)
+        end = self._count_at_most(hi)
+        while i < end:
+            out.append(self._nth(i))
+            i += 1
+        return out
+
+    def compactions(self, up_to: int) -> Iterator[Compaction]:
+        """All compactions with ``at <= up_to``."""
+        return iter(self.between(-1, up_to))
+
+    # -------------------------------------------------------------------------- bounds
+
+    def max_held_blocks(self, total_tokens: int) -> int:
+        """Most blocks the request holds while processing ``total_tokens`` tokens (prompt and
+        output), with compactions as scheduled and prefill chunks ending at compaction points:
+        the largest ``ceil(L / bs) - E / bs`` over the moments just before each compaction and
+        at the end. (A step may also open the block of the next token: one more.)"""
+        bs = self.block_size
+        worst = 0
+        for c in self.compactions(total_tokens):
+            worst = max(worst, -(-c.at // bs) - c.prior // bs)
+        end_e = self.evicted_at(total_tokens)
+        return max(worst, -(-total_tokens // bs) - end_e // bs)
