@@ -43,6 +43,20 @@ class SnapKVAttentionSpec(FullAttentionSpec):
     """A full-attention layer whose requests may compact: vLLM's spec, managed by
     :class:`SnapKVFullAttentionManager`."""
 
+    def max_memory_usage_bytes(self, vllm_config: Any) -> int:
+        # With prompts compacted while read, one request needs far less than max_model_len of
+        # KV (vllm_snapkv.capacity); otherwise vLLM's own answer.
+        from vllm_snapkv import capacity
+        from vllm_snapkv.config import CompressionConfig
+
+        config = CompressionConfig.from_vllm_config(vllm_config)
+        if not capacity.relaxed(config):
+            return super().max_memory_usage_bytes(vllm_config)
+        max_len = int(vllm_config.model_config.max_model_len)
+        blocks = min(-(-max_len // self.block_size),
+                     capacity.engine_min_blocks(config, max_len, self.block_size))
+        return blocks * self.page_size_bytes
+
     @classmethod
     def from_spec(cls, spec: Any) -> Any:
         """``spec`` as a :class:`SnapKVAttentionSpec` when it is plain full attention (no sliding
@@ -89,6 +103,26 @@ class SnapKVFullAttentionManager(FullAttentionManager):
                                                             len(blocks)))
         if self.on_compacted is not None:
             self.on_compacted(request_id, done)
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args: Any,
+                                   apply_admission_cap: bool = False, **kwargs: Any) -> int:
+        # Admission (vLLM checks that a new request's whole prompt fits before it starts): a
+        # request compacted while read needs its peak, not its length.
+        schedule = self.schedules.get(request_id)
+        if not apply_admission_cap or schedule is None or schedule.prefill_budget is None:
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap,
+                **kwargs)
+        from vllm_snapkv.capacity import peak_blocks
+
+        saved = self.max_admission_blocks_per_request
+        self.max_admission_blocks_per_request = peak_blocks(schedule, num_tokens,
+                                                            self.block_size)
+        try:
+            return super().get_num_blocks_to_allocate(request_id, num_tokens, *args,
+                                                      apply_admission_cap=True, **kwargs)
+        finally:
+            self.max_admission_blocks_per_request = saved
 
     def free(self, request_id: str) -> None:
         # Finished or preempted: a recompute starts over from 0 tokens.

@@ -12,7 +12,7 @@ methods:
 * ``create_engine_config`` — for every way of starting an engine (CLI, ``LLM(...)``, YAML),
   validates ``additional_config`` and, when compression is on, checks the vLLM internals the
   plugin relies on (:func:`vllm_snapkv.vllm_seam.verify`) and wires in what it needs (the
-  per-request validator, the scheduler and the worker, the metrics connector, the summary in
+  per-request checks, the scheduler and the worker, the metrics connector, the summary in
   streaming responses), so the user types nothing but the flags.
 """
 
@@ -23,7 +23,7 @@ import logging
 import os
 from typing import Any
 
-from vllm_snapkv import cli, streaming
+from vllm_snapkv import cli, request_validation, streaming
 from vllm_snapkv import vllm_seam as seam
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.settings import SettingsError
@@ -44,15 +44,8 @@ V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 def _wire_engine_args(engine_args: Any) -> CompressionConfig:
     """Validate the compression config and add what it needs to ``engine_args``."""
-    from vllm_snapkv import request_validation
-
     config = CompressionConfig.from_additional_config(engine_args.additional_config)
-    request_validation.set_engine_config(config)
     if config.enabled:
-        procs = list(engine_args.logits_processors or [])
-        if request_validation.QUALNAME not in procs:
-            procs.append(request_validation.QUALNAME)
-        engine_args.logits_processors = procs
         if engine_args.scheduler_cls is not None:
             raise ValueError(
                 f"--kv-compression snapkv brings its own scheduler; it cannot be combined with "
@@ -192,6 +185,7 @@ def _patch_engine_args() -> None:
             seam.verify()  # a vLLM whose internals moved stops here, naming them
             _prepare_engine_env()
             # This runs in every API-server process (each builds its engine client here).
+            request_validation.install()
             if not seam.feature("streams_kv_transfer_params"):
                 streaming.install()
         vllm_config = original_create(self, *args, **kwargs)

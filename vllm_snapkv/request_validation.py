@@ -1,79 +1,92 @@
-"""Per-request SnapKV settings are checked in the API server, so bad ones become HTTP 400s.
+"""Per-request checks in the API server, before a request reaches the engine: bad ones are an
+HTTP 400 naming the field, and nothing is scheduled.
 
-vLLM validates each request's ``SamplingParams`` before it reaches the engine, and part of that is
-calling ``validate_params`` on every custom logits processor named in ``--logits-processors``
-(``v1/sample/logits_processor/__init__.py``: ``validate_logits_processors_parameters``); a
-``VLLMValidationError`` raised there is answered with HTTP 400 naming the parameter. The plugin
-registers :class:`SnapKVRequestValidator` as such a processor: it never changes logits, it only
-validates ``vllm_xargs`` (``SamplingParams.extra_args``) against the engine's
-:class:`~vllm_snapkv.config.CompressionConfig`. A bad request is refused before it is scheduled,
-so it can neither crash the engine nor touch another request's KV.
+vLLM turns every request into an ``EngineCoreRequest`` in ``InputProcessor.process_inputs``
+(API server process for ``vllm serve``, the caller's process for ``LLM``); a
+``VLLMValidationError`` raised there is answered with HTTP 400 naming the parameter, and the
+server keeps serving. :func:`install` wraps that method, so once vLLM has validated and
+tokenized a request, the plugin checks
+
+* its ``vllm_xargs`` (``SamplingParams.extra_args``) against the engine's
+  :class:`~vllm_snapkv.config.CompressionConfig` — a bad method, budget, ratio, decode or prefill
+  budget is refused naming ``vllm_xargs.<key>`` and the allowed range;
+* when prompts are compacted while read (``--snapkv-prefill-budget``, so the pool may be smaller
+  than ``max_model_len``): that the request's peak KV over its prompt and ``max_tokens`` fits the
+  pool (:mod:`vllm_snapkv.capacity`) — one that never could is refused naming ``max_tokens``
+  rather than left waiting forever.
+
+The prompt length is known here and nowhere earlier, which is why the check is not a logits
+processor's ``validate_params`` (which would also make vLLM refuse speculative decoding, since it
+allows no custom logits processors with it).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import torch
-
+from vllm_snapkv import capacity
 from vllm_snapkv import vllm_seam as seam
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.settings import SettingsError
 
-VLLMValidationError = seam.get("VLLMValidationError")
-BatchUpdate = seam.get("BatchUpdate")
-LogitsProcessor = seam.get("LogitsProcessor")
+__all__ = ["check_request", "install", "validation_error"]
+
+_installed = False
 
 
-#: Qualified name to put in ``--logits-processors``.
-QUALNAME = "vllm_snapkv.request_validation:SnapKVRequestValidator"
-
-_engine_config: CompressionConfig | None = None
-
-
-def set_engine_config(config: CompressionConfig) -> None:
-    """Record this process's engine config (called where the engine config is created)."""
-    global _engine_config
-    _engine_config = config
+def validation_error(err: SettingsError) -> Exception:
+    """The HTTP-400 error for a bad ``vllm_xargs`` setting."""
+    return seam.get("VLLMValidationError")(
+        f"vllm_xargs.{err.setting}={err.value!r} is invalid: {err.allowed}",
+        parameter=f"vllm_xargs.{err.setting}", value=err.value)
 
 
-def engine_config() -> CompressionConfig:
-    """The engine config recorded in this process, else the one of the current VllmConfig."""
-    if _engine_config is not None:
-        return _engine_config
-    current = seam.get("get_current_vllm_config_or_none")()
-    return CompressionConfig.from_vllm_config(current) if current is not None \
-        else CompressionConfig.from_additional_config({"kv_compression": "snapkv"})
-
-
-def validate_extra_args(config: CompressionConfig, extra_args: dict[str, Any] | None) -> None:
-    """Raise ``VLLMValidationError`` (HTTP 400) naming ``vllm_xargs.<key>`` for bad settings."""
+def check_request(config: CompressionConfig, prompt_len: int, sampling_params: Any,
+                  block_size: int, pool_blocks: int | None) -> None:
+    """Raise ``VLLMValidationError`` (HTTP 400) for a request the engine must not take."""
+    if sampling_params is None:  # pooling requests are never compressed
+        return
+    extra = sampling_params.extra_args
     try:
-        config.request_settings(extra_args)
+        config.request_settings(extra)
     except SettingsError as err:
-        raise VLLMValidationError(
-            f"vllm_xargs.{err.setting}={err.value!r} is invalid: {err.allowed}",
-            parameter=f"vllm_xargs.{err.setting}",
-            value=err.value,
-        ) from None
+        raise validation_error(err) from None
+    if not (capacity.relaxed(config) and pool_blocks):
+        return
+    max_tokens = int(sampling_params.max_tokens or 1)
+    need = capacity.request_peak_blocks(config, prompt_len, max_tokens, block_size, extra)
+    usable = pool_blocks - 1  # vLLM keeps one block as its null block
+    if need > usable:
+        raise seam.get("VLLMValidationError")(
+            f"this request needs {need} KV blocks of {block_size} tokens at its peak "
+            f"({prompt_len} prompt tokens, max_tokens={max_tokens}), more than the whole KV "
+            f"pool ({usable} blocks): lower max_tokens, or serve with a smaller "
+            "--snapkv-prefill-budget or a --snapkv-decode-budget",
+            parameter="max_tokens", value=max_tokens)
 
 
-class SnapKVRequestValidator(LogitsProcessor):
-    """A logits processor that changes nothing; it exists for :meth:`validate_params`."""
-
-    @classmethod
-    def validate_params(cls, sampling_params: Any) -> None:
-        validate_extra_args(engine_config(), sampling_params.extra_args)
-
-    def __init__(self, vllm_config: Any, device: torch.device,
-                 is_pin_memory: bool) -> None:
-        pass
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
-
-    def is_argmax_invariant(self) -> bool:
+def install() -> bool:
+    """Wrap ``InputProcessor.process_inputs`` in this process (once)."""
+    global _installed
+    if _installed:
         return True
+    cls = seam.get("InputProcessor")
+    original = cls.process_inputs
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        return None
+    @functools.wraps(original)
+    def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = original(self, *args, **kwargs)
+        vllm_config = self.vllm_config
+        config = CompressionConfig.from_vllm_config(vllm_config)
+        if config.enabled:
+            prompt_len = len(request.prompt_token_ids or ()) or (
+                0 if request.prompt_embeds is None else int(request.prompt_embeds.shape[0]))
+            cache = vllm_config.cache_config
+            check_request(config, prompt_len, request.sampling_params,
+                          int(cache.block_size), cache.num_gpu_blocks)
+        return request
+
+    cls.process_inputs = process_inputs
+    _installed = True
+    return True

@@ -75,14 +75,15 @@ def main() -> None:
                                            "kv_transfer_params": out.kv_transfer_params}
         schedules = {rid: s.prompt_len for rid, s in getattr(sched, "snapkv_schedules",
                                                               {}).items()}
-        held = {}
+        held, computed = {}, {}
         for req in sched.running:
+            computed[req.request_id.rsplit("-", 1)[0]] = req.num_computed_tokens
             blocks = sched.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(
                 req.request_id, [])
             # Engine-side ids carry a suffix after the caller's id.
             held[req.request_id.rsplit("-", 1)[0]] = sum(1 for b in blocks if not b.is_null)
         timeline.append({"free": pool.get_num_free_blocks(), "running": len(sched.running),
-                         "schedules": schedules, "held": held})
+                         "schedules": schedules, "held": held, "computed": computed})
         steps += 1
         if steps > spec.get("max_steps", 5000):
             raise RuntimeError("engine did not finish")
