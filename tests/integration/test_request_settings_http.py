@@ -19,7 +19,10 @@ pytestmark = pytest.mark.engine
     ({"snapkv_budget": 8}, "snapkv_budget", "must be an integer > window (32)"),
     ({"snapkv_ratio": 1.5}, "snapkv_ratio", "(0, 1]"),
     ({"snapkv_kernel": 5}, "snapkv_kernel", "unknown request setting"),
-    ({"kv_compression": "h2o"}, "kv_compression", "none, snapkv"),
+    ({"kv_compression": "h2o"}, "kv_compression",
+     "must be one of none, keydiff, knorm, recency, snapkv"),
+    ({"snapkv_decode_budget": 16}, "snapkv_decode_budget", "must be an integer > window (32)"),
+    ({"snapkv_prefill_budget": 64}, "snapkv_prefill_budget", ">= budget (1024)"),
 ])
 def test_bad_request_setting_is_a_400_naming_it(smollm2_server: VllmServer, path, body_extra,
                                                 xargs, field, fragment) -> None:
