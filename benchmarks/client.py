@@ -31,6 +31,7 @@ class Completion:
     end: float
     token_times: list[float] = field(default_factory=list)
     snapkv: dict | None = None
+    token_ids: list[int] | None = None
 
     @property
     def ttft(self) -> float:
@@ -46,10 +47,13 @@ class Completion:
 
 def complete(server: VllmServer, prompt_ids: list[int], max_tokens: int, *,
              xargs: dict | None = None, stream: bool = False,
-             ignore_eos: bool = False) -> Completion:
-    """POST /v1/completions (greedy) with token ids as the prompt."""
+             ignore_eos: bool = False, token_ids: bool = False) -> Completion:
+    """POST /v1/completions (greedy) with token ids as the prompt (``token_ids``: also return
+    the output's token ids, non-streaming)."""
     body: dict[str, Any] = {"model": server.name, "prompt": prompt_ids, "max_tokens": max_tokens,
                             "temperature": 0, "ignore_eos": ignore_eos, "stream": stream}
+    if token_ids:
+        body["return_token_ids"] = True
     if xargs:
         body["vllm_xargs"] = xargs
     if stream:
@@ -63,7 +67,8 @@ def complete(server: VllmServer, prompt_ids: list[int], max_tokens: int, *,
         end = time.perf_counter()
         return Completion(out["choices"][0]["text"], out["usage"]["completion_tokens"],
                           out["usage"]["prompt_tokens"], start, None, end,
-                          snapkv=(out.get("kv_transfer_params") or {}).get("snapkv"))
+                          snapkv=(out.get("kv_transfer_params") or {}).get("snapkv"),
+                          token_ids=out["choices"][0].get("token_ids"))
     text, times, usage, snapkv = [], [], {}, None
     for line in r.iter_lines():
         if not line.startswith(b"data: ") or line == b"data: [DONE]":

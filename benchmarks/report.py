@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import schema  # noqa: E402
+from benchmarks import phases, schema  # noqa: E402
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -129,6 +129,7 @@ def summary(results: dict) -> str:
                   f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in p.items()), ""]
     lines += _blocks_md(results) + _capacity_md(results) + _throughput_md(results)
     lines += _overhead_md(results) + _selection_md(results) + _accuracy_md(results)
+    lines += phases.render(results)
     return "\n".join(lines) + "\n"
 
 

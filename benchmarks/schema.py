@@ -222,6 +222,15 @@ PROFILE = Obj({
     "max_model_len": INT, "smol_block_size": INT, "selection_lengths": ListOf(INT),
     "pressure_len": INT, "pressure_tokens": INT, "pressure_requests": INT, "tiny_blocks": INT,
     "compressions": ListOf(INT),
+}, optional={  # the decode/prefill sections' sizes (runs before them lack these)
+    **{k: INT for k in ("decode_prompt", "decode_output", "decode_requests", "decode_interval",
+                        "copy_per_cell", "copy_interval", "cost_prompt", "cost_output",
+                        "cost_budget", "prefill_per_cell", "prefill_pool_blocks",
+                        "prefill_budget", "prefill_interval", "prefill_final_budget",
+                        "prefill_budget_large", "prefill_interval_tiny")},
+    **{k: ListOf(INT) for k in ("copy_lengths", "prefill_lengths", "prefill_compressions",
+                                "prefill_ttft_lengths")},
+    "prefill_methods": ListOf(STR),
 }, doc="the run's sizes (suite.Profile)")
 
 MACHINE = Obj({
@@ -387,6 +396,11 @@ BLOCKS: dict[str, Spec] = {
     "accuracy": ACCURACY,
     "server_selection": SERVER_SELECTION,
     "kvpress": KVPRESS,
+    # benchmarks.phases writes these (their tables are rendered from what it wrote).
+    "decode": Obj({"pressure": DICT, "accuracy": DICT, "cost": DICT},
+                  doc="compaction during decode (benchmarks.phases)"),
+    "prefill": Obj({"accuracy": DICT, "ttft": DICT, "capacity": DICT},
+                   doc="compaction while a prompt is read (benchmarks.phases)"),
 }
 
 
@@ -418,6 +432,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
     # (and pressure.throughput_split, which runs before the prefill floor lack)
     Section("throughput", "output tokens/s on a fixed pool, and its prefill floor, tiny model",
             (("pressure", "throughput"),)),
+    Section("decode", "compaction during decode: capacity, throughput, copy task, cost",
+            (("decode",),)),
+    Section("prefill", "compaction while a prompt is read: needle at 2x/4x the pool, "
+            "capacity, TTFT", (("prefill",),)),
 )}
 
 

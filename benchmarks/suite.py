@@ -21,6 +21,10 @@ What runs (sections; ``--only`` picks some):
   preset with kvpress's.
 * ``selection`` — selection cost vs one layer's prefill, 1K-32K tokens
   (``benchmarks.bench_selection``), and the server-side selection time histogram.
+* ``decode`` / ``prefill`` — compaction during decode and while a prompt is read, each against
+  vanilla in the same run (``benchmarks.phases``: capacity and throughput with long outputs, a
+  copy task, the cost of a compaction; needle accuracy with prompts 2x and 4x the pool, capacity
+  with the prefill budget on, TTFT).
 * ``capacity`` / ``throughput`` — a fixed KV pool (``--num-gpu-blocks-override``) on the tiny
   random model (block accounting and scheduling are the model-independent part; the 2-core CPU
   cannot push enough SmolLM2 4K prompts through in a benchmark's time): the most concurrent
@@ -53,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import REPO, client, kvpress_runner, needle, report, schema
+from benchmarks import REPO, client, kvpress_runner, needle, phases, report, schema
 from vllm_snapkv import compat, models
 from vllm_snapkv.schedule import Schedule
 from vllm_snapkv.testing import VllmServer
@@ -87,6 +91,29 @@ class Profile:
     pressure_requests: int = 96
     tiny_blocks: int = 400
     compressions: tuple[int, ...] = (2, 4, 8)
+    # decode section (benchmarks.phases)
+    decode_prompt: int = 256
+    decode_output: int = 2048
+    decode_requests: int = 48
+    decode_interval: int = 128
+    copy_lengths: tuple[int, ...] = (300,)
+    copy_per_cell: int = 12
+    copy_interval: int = 64
+    cost_prompt: int = 1024
+    cost_output: int = 1024
+    cost_budget: int = 512
+    # prefill section (benchmarks.phases)
+    prefill_lengths: tuple[int, ...] = (4096, 8064)
+    prefill_per_cell: int = 8
+    prefill_pool_blocks: int = 17
+    prefill_budget: int = 1024
+    prefill_interval: int = 512
+    prefill_final_budget: int = 512
+    prefill_budget_large: int = 1408
+    prefill_methods: tuple[str, ...] = ("keydiff", "knorm", "snapkv", "recency")
+    prefill_compressions: tuple[int, ...] = (4, 8)
+    prefill_interval_tiny: int = 256
+    prefill_ttft_lengths: tuple[int, ...] = (2048, 4096)
 
 
 FULL = Profile()
@@ -94,7 +121,13 @@ SMOKE = Profile(lengths=(512,), per_cell=2, budgets=(64, 128), accuracy_concurre
                 kvpress_per_cell=1, agreement_per_cell=1, agreement_budgets=(128,), ttft_reps=1,
                 decode_len=512, decode_batches=(1, 2), decode_tokens=8, smol_blocks=200, max_model_len=2048,
                 selection_lengths=(1024, 2048), pressure_len=1024, pressure_tokens=64,
-                pressure_requests=6, tiny_blocks=40)
+                pressure_requests=6, tiny_blocks=40, decode_prompt=64, decode_output=256,
+                decode_requests=4, copy_lengths=(80,), copy_per_cell=1, cost_prompt=256,
+                cost_output=160, cost_budget=96, prefill_lengths=(1024,), prefill_per_cell=1,
+                prefill_pool_blocks=9, prefill_budget=512, prefill_interval=256,
+                prefill_final_budget=256, prefill_budget_large=640,
+                prefill_methods=("keydiff", "snapkv"), prefill_compressions=(4,),
+                prefill_interval_tiny=256, prefill_ttft_lengths=(512,))
 
 SERVED = "smollm2"
 
@@ -525,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
             results["server_selection"] = server_selection(client.metrics(snap))
     if "accuracy" in sections:
         results["kvpress"] = bench_kvpress(p, cases, out)
+    if "decode" in sections:
+        results["decode"] = phases.bench_decode(p, out, servers, random_prompts, tok)
+        save(results, out)
+    if "prefill" in sections:
+        results["prefill"] = phases.bench_prefill(p, out, servers, random_prompts, tok)
+        save(results, out)
     results["wall_s"] = time.time() - started
     save(results, out, complete=True)
     report.write(results, out)

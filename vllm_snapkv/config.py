@@ -14,7 +14,8 @@ Per-request control travels in ``SamplingParams.extra_args`` (the OpenAI API's `
 * ``"snapkv_budget": 2048`` or ``"snapkv_ratio": 0.25`` — a different amount kept at the end of
   the prompt;
 * ``"snapkv_decode_budget": 512`` / ``"snapkv_prefill_budget": 4096`` — compaction during decode
-  / while the prompt is read, for this request (``0`` turns that phase off for it).
+  / while the prompt is read, for this request (``0`` turns that phase off for it);
+  ``"snapkv_prefill_method": "keydiff"`` — the method of the compactions while it is read.
 
 Anything else under a ``snapkv_`` prefix, or a bad value, is refused by
 :meth:`CompressionConfig.request_settings` with a :class:`~vllm_snapkv.settings.SettingsError` that
@@ -54,6 +55,7 @@ REQUEST_KEYS: dict[str, str] = {
     "snapkv_ratio": "ratio",
     "snapkv_decode_budget": "decode_budget",
     "snapkv_prefill_budget": "prefill_budget",
+    "snapkv_prefill_method": "prefill_method",
 }
 #: Per-request keys whose value 0 turns the phase off for the request.
 REQUEST_OFF_BY_ZERO = ("snapkv_decode_budget", "snapkv_prefill_budget")

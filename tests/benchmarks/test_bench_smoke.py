@@ -123,3 +123,32 @@ def test_kept_sets_agree_with_kvpress(smoke) -> None:
     assert diffs["window_differs"] == 0, diffs
     if diffs["sets"]:
         assert diffs.get("max_rel_score_gap", math.inf) <= NEAR_TIE_RTOL, diffs
+
+
+def test_decode_and_prefill_sections(smoke) -> None:
+    """What holds at any size: every configuration measured; with decode compaction a request's
+    peak blocks never exceed vanilla's, and at 4x/8x its measured capacity is above vanilla's;
+    the copy task and the needle answered in every column; the prefill budget's capacity is at
+    least that of the same compression without it."""
+    results, out = smoke
+    dec, pre = results["decode"], results["prefill"]
+    configs = dec["pressure"]["configs"]
+    assert set(configs) == {"vanilla", "prompt-only", "2x", "4x", "8x"}
+    van = configs["vanilla"]
+    for name, c in configs.items():
+        assert c["peak_blocks"] <= van["peak_blocks"] and c["capacity"] >= 1
+        assert c["throughput"]["output_tokens"] == results["profile"]["decode_requests"] * \
+            results["profile"]["decode_output"]
+    assert configs["8x"]["capacity"] > van["capacity"]
+    assert set(dec["accuracy"]["table"]) == {"full"} | {
+        f"{m}@{c}x" for m in ("snapkv", "recency") for c in (2, 4, 8)}
+    assert all(r["snapkv@8x:compactions"] > 0 for r in dec["accuracy"]["rows"])
+    assert dec["cost"]["compaction_steps"] > 0
+    table = pre["accuracy"]["table"]
+    assert set(next(iter(table.values()))) >= {"full", "keydiff@512"}
+    assert all(r["keydiff@512:compactions"] >= 2 for r in pre["accuracy"]["rows"])
+    cap = pre["capacity"]["configs"]
+    assert cap["4x+prefill"]["capacity"] >= cap["4x"]["capacity"]
+    assert cap["4x+prefill"]["peak_blocks"] < cap["4x"]["peak_blocks"]
+    summary = (out / "summary.md").read_text()
+    assert "Compaction during decode" in summary and "Compaction while a prompt is read" in summary
