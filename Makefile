@@ -1,6 +1,6 @@
 # The two commands of the README. Both set up what they need first (idempotent); `make test`
 # also installs Debian's prometheus (the metrics tests scrape the real server with it).
-.PHONY: setup serve test unit bench bench-smoke
+.PHONY: setup serve test unit bench bench-smoke check-vllm-sources
 
 setup:
 	scripts/setup.sh
@@ -24,3 +24,11 @@ bench: setup
 
 bench-smoke: setup
 	.venv/bin/python -m benchmarks.suite --smoke $(BENCH_ARGS)
+
+# Check every vLLM internal the plugin touches (vllm_snapkv/vllm_seam.py) against the installed
+# vLLM and against a release's wheel sources, downloaded with `pip download --no-deps` and never
+# installed (VLLM_RELEASE=0.33.0 by default).
+VLLM_RELEASE ?= 0.33.0
+check-vllm-sources: setup
+	.venv/bin/python -m vllm_snapkv.vllm_seam
+	.venv/bin/python -m vllm_snapkv.vllm_seam --release $(VLLM_RELEASE)

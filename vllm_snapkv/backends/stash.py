@@ -20,7 +20,9 @@ class QueryStash:
     """Per (request, layer): queries ``[n, Hq, D]`` of positions ``[end - n, end)``, n <= window.
 
     A run that starts where the stored one ends extends it (keeping the last ``window``); a run
-    starting elsewhere (a recompute after preemption, a new window) replaces it.
+    that starts inside it (speculative drafts rejected: their positions are computed again)
+    replaces the stored queries from there on; a run starting elsewhere (a recompute after
+    preemption, a new window) replaces it.
     """
 
     def __init__(self) -> None:
@@ -37,8 +39,11 @@ class QueryStash:
         if q == 0:
             return
         old = self._data.get(key)
-        if old is not None and old[0] == start_pos and q < window:
-            queries = torch.cat([old[1], queries], dim=0)
+        if old is not None and q < window:
+            end, stored = old
+            first = end - stored.shape[0]
+            if first <= start_pos <= end:
+                queries = torch.cat([stored[:start_pos - first], queries], dim=0)
         self._data[key] = (start_pos + q, queries[-window:].detach().clone())
 
     def get(self, req_id: str, layer: str, start: int, end: int) -> torch.Tensor | None:
