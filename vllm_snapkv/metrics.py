@@ -293,7 +293,8 @@ class SelectionTimer:
 
     @classmethod
     def install(cls) -> SelectionTimer:
-        """The process's timer, registered with the backends' core on first call."""
+        """The process's timer, registered with :mod:`~vllm_snapkv.backends.compaction` on
+        first call."""
         with cls._lock:
             if cls._installed is None:
                 from vllm_snapkv.backends import compaction

@@ -7,7 +7,7 @@ each (block, head) K region is column-major ``[head_size, block_size]`` (one row
 and V is row-major ``[block_size, head_size]``; the ``amx`` write op packs both into 16-wide tiles
 (bf16: with VNNI pairs interleaved), and other ISAs may differ again. Code that reads
 ``cache[block, h, t, :D]`` as "the key of token t" reads garbage keys, and near-uniform attention
-can hide that for a long time (see ``DESIGN.md``, "Pitfall ...").
+can hide that for a long time (see ``docs/design.md``, "The cache layout").
 
 So nothing here assumes a layout. :func:`probe_cpu_layout` lets the backend's own write op
 (``ops.cpu_attn_reshape_and_cache``) store coded probe values into a scratch cache and records,

@@ -62,8 +62,8 @@ def kept_count(num_tokens: int, settings: SnapKVSettings) -> int:
     """Number of prompt positions each KV head keeps for a prompt of ``num_tokens`` tokens.
 
     ``min(N, effective_budget(N, settings))``: prompts not longer than the budget are kept whole.
-    Pure Python on purpose — the scheduler, the workers and the placement code must all derive the
-    same count from (N, settings) without talking to each other.
+    Pure Python on purpose — the scheduler and the workers (through the compaction schedule,
+    :mod:`vllm_snapkv.schedule`) must derive the same count from (N, settings) without talking.
     """
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")

@@ -17,7 +17,7 @@ Defaults (see ``docs/selection.md`` for the reasoning):
 * ``window=32`` — the reference implementation's default and the paper's LongBench setting.
 * ``kernel=15``, ``pooling="avg"`` — wider than the paper's 5/7 on purpose: on SmolLM2 (which
   tokenizes digits one by one) a 7-wide pooling lost multi-digit needle answers (0/8 at budget 512)
-  while 15 kept them (8/8); see DESIGN.md "A measured fact about accuracy". :data:`PAPER_PRESET`
+  while 15 kept them (8/8); see ``docs/selection.md``, "Why these defaults". :data:`PAPER_PRESET`
   gives the paper's LongBench choice (max-pool 7) by name.
 * ``reduction="sum"`` — the reference sums the window's probabilities (ranking-equivalent to mean).
 * ``gqa_aggregation="mean"`` — as kvpress (one score per KV head, averaged over its query group).

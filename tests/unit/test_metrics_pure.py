@@ -1,6 +1,6 @@
 """Pure parts of vllm_snapkv.metrics: per-request summary, stats payload aggregation, the
 scheduler-side recorder, the --kv-transfer-config composition, the Prometheus series (on a private
-registry), the selection timer's hook in the backends' core, and the dashboard/scrape files in
+registry), the selection timer's hook in backends/compaction.py, and the dashboard/scrape files in
 deploy/."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The paged-cache token accessor against vLLM's real CPU attention ops (no mocks).
 
-What these tests prove, and why each matters (``DESIGN.md``, "Pitfall ... physical KV layout"):
+What these tests prove, and why each matters (``docs/design.md``, "The cache layout"):
 
 * Round trip: K/V written by the kernel's own write op (``ops.cpu_attn_reshape_and_cache``) come
   back bit-exact through :func:`read_kv`, while the naive row read ``cache[b, h, t, :D]`` does not
