@@ -89,6 +89,12 @@ def _wire_vllm_config(vllm_config: Any) -> None:
     except SettingsError as err:
         raise ValueError(cli.error_message(err)) from None
     _check_pool_fits(vllm_config, current_platform)
+    parallel = vllm_config.parallel_config
+    refusal = parallel_refusal(int(parallel.tensor_parallel_size or 1),
+                               int(parallel.pipeline_parallel_size or 1),
+                               int(vllm_config.model_config.get_total_num_kv_heads()))
+    if refusal:
+        raise ValueError(refusal)
     if current_platform.is_cpu():
         allowed, worker = (CPU_WORKER, WORKER), WORKER
     elif current_platform.is_cuda():
@@ -99,7 +105,6 @@ def _wire_vllm_config(vllm_config: Any) -> None:
             "--kv-compression snapkv runs on vLLM's CPU and CUDA platforms only, not on "
             f"{type(current_platform).__name__}"
         )
-    parallel = vllm_config.parallel_config
     if parallel.worker_cls not in allowed:
         raise ValueError(
             f"--kv-compression snapkv brings its own worker class; it cannot be combined with "
@@ -108,6 +113,28 @@ def _wire_vllm_config(vllm_config: Any) -> None:
     parallel.worker_cls = worker
     scheduler = vllm_config.scheduler_config
     scheduler.scheduler_cls = scheduler_class_for(bool(scheduler.async_scheduling))
+
+
+def parallel_refusal(tensor_parallel: int, pipeline_parallel: int, kv_heads: int) -> str | None:
+    """Why compression cannot run with this parallelism, or ``None`` if it can.
+
+    Tensor parallelism shards KV heads across ranks and each rank selects for its own heads
+    with its own query heads (GQA groups never straddle ranks), so the kept sets equal TP=1's.
+    With more ranks than KV heads vLLM *replicates* each KV head on several ranks, each seeing
+    only part of the head's query group: the replicas would score differently and keep
+    different tokens for what TP=1 treats as one head, so that is refused. Pipeline parallelism
+    has never run with compression here, so it is refused rather than left to chance.
+    """
+    if pipeline_parallel > 1:
+        return (f"--kv-compression snapkv does not support --pipeline-parallel-size "
+                f"{pipeline_parallel} (not tested); use --tensor-parallel-size to spread the "
+                f"model over several devices")
+    if tensor_parallel > kv_heads:
+        return (f"--kv-compression snapkv needs at least one KV head per rank: "
+                f"--tensor-parallel-size {tensor_parallel} exceeds the model's {kv_heads} KV "
+                f"heads (vLLM would replicate KV heads, and each replica would keep different "
+                f"tokens); use --tensor-parallel-size {kv_heads} or less")
+    return None
 
 
 def _wire_cuda(vllm_config: Any) -> None:

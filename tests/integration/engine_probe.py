@@ -12,7 +12,10 @@ Spec keys: ``model`` (path), ``engine`` (kwargs for ``LLM``), ``requests`` (list
 ``{"id", "prompt_token_ids" | "prompt", "max_tokens", "extra_args"}``), ``stagger`` (add one
 request per step instead of all at once; a request that names ``"after"`` waits until that request
 has finished), ``aborts`` (``[{"id", "after_step"}]``: abort a request after that many steps),
-``debug`` (turn on the workers' attention debug hook).
+``debug`` (turn on the workers' attention debug hook), ``all_ranks`` (report every
+tensor-parallel worker, not only rank 0), ``kept`` (with ``debug``: the kept positions of every
+compaction of every request, per rank), ``metrics`` (vLLM's own counters after the run; needs
+``"disable_log_stats": false`` in ``engine``). A request may ask for ``logprobs``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def main() -> None:
 
     def add(req: dict) -> None:
         sp = SamplingParams(max_tokens=req.get("max_tokens", 8), temperature=0,
-                            ignore_eos=req.get("ignore_eos", True),
+                            ignore_eos=req.get("ignore_eos", True), logprobs=req.get("logprobs"),
                             extra_args=req.get("extra_args"))
         prompt = ({"prompt_token_ids": req["prompt_token_ids"]} if "prompt_token_ids" in req
                   else req["prompt"])
@@ -73,6 +76,9 @@ def main() -> None:
                                            "prompt_len": len(out.prompt_token_ids or []),
                                            "num_cached_tokens": out.num_cached_tokens,
                                            "kv_transfer_params": out.kv_transfer_params}
+                if c.logprobs:
+                    outputs[out.request_id]["logprobs"] = [
+                        lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
         schedules = {rid: s.prompt_len for rid, s in getattr(sched, "snapkv_schedules",
                                                               {}).items()}
         held, computed = {}, {}
@@ -87,10 +93,19 @@ def main() -> None:
         steps += 1
         if steps > spec.get("max_steps", 5000):
             raise RuntimeError("engine did not finish")
-    report = (llm.collective_rpc("snapkv_report")[0]
-              if sched.__class__.__name__.startswith("SnapKV") else None)
+    snapkv = sched.__class__.__name__.startswith("SnapKV")
+    reports = llm.collective_rpc("snapkv_report") if snapkv else [None]
+    kept = ({rid: llm.collective_rpc("snapkv_kept", args=(rid, "all")) for rid in outputs}
+            if snapkv and spec.get("kept") else None)
+    metrics = None
+    if spec.get("metrics"):
+        metrics = {}
+        for m in llm.get_metrics():
+            if hasattr(m, "value") and isinstance(m.value, (int, float)):
+                metrics[m.name] = metrics.get(m.name, 0) + m.value
     print("ENGINE_PROBE_RESULT " + json.dumps({
-        "snapkv_report": report,
+        "snapkv_report": reports[0], "rank_reports": reports if spec.get("all_ranks") else None,
+        "kept": kept, "metrics": metrics,
         "free_start": free_start, "free_end": pool.get_num_free_blocks(),
         "num_blocks": pool.num_gpu_blocks, "block_size": sched.cache_config.block_size,
         "preemptions": preemptions["count"], "outputs": outputs, "timeline": timeline,
@@ -98,12 +113,13 @@ def main() -> None:
     }))
 
 
-def run(spec: dict, timeout: int = 900) -> dict:
-    """Run this probe on ``spec`` in a fresh interpreter and return its result."""
+def run(spec: dict, timeout: int = 900, env: dict | None = None) -> dict:
+    """Run this probe on ``spec`` in a fresh interpreter (``env`` added to its environment)
+    and return its result."""
     import subprocess
 
     proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("ENGINE_PROBE_RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1].split(" ", 1)[1])

@@ -542,11 +542,18 @@ def fake_cuda(monkeypatch):
     selector._cached_get_attn_backend.cache_clear()
 
 
+def _parallel(worker_cls: str = "vllm.v1.worker.gpu_worker.Worker", tp: int = 1,
+              pp: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(worker_cls=worker_cls, tensor_parallel_size=tp,
+                           pipeline_parallel_size=pp)
+
+
 def _vllm_config(**att):
     from vllm.config import AttentionConfig
 
     return SimpleNamespace(
-        parallel_config=SimpleNamespace(worker_cls="vllm.v1.worker.gpu_worker.Worker"),
+        parallel_config=_parallel(),
+        model_config=SimpleNamespace(get_total_num_kv_heads=lambda: 4),
         scheduler_config=SimpleNamespace(async_scheduling=False, scheduler_cls=None),
         cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
         attention_config=AttentionConfig(**att), use_v2_model_runner=False)
@@ -575,7 +582,9 @@ def test_plugin_refuses_what_cuda_cannot_do(fake_cuda) -> None:
     cases = [
         (dict(cache_config=SimpleNamespace(cache_dtype="fp8", block_size=16)), "kv-cache-dtype fp8"),
         (dict(use_v2_model_runner=True), "V1 model runner"),
-        (dict(parallel_config=SimpleNamespace(worker_cls="my.Worker")), "worker-cls"),
+        (dict(parallel_config=_parallel("my.Worker")), "worker-cls"),
+        (dict(parallel_config=_parallel(pp=2)), "--pipeline-parallel-size 2"),
+        (dict(parallel_config=_parallel(tp=8)), "--tensor-parallel-size 8 exceeds the model's 4"),
     ]
     for change, match in cases:
         cfg = _vllm_config()
@@ -708,3 +717,17 @@ def test_engine_on_gpu(tiny_path) -> None:
         assert set(rep["debug"]["slot_err"].values()) == {0.0}
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+def test_parallel_refusal_rule() -> None:
+    """TP up to the KV-head count runs (each rank owns whole GQA groups); more ranks than KV
+    heads (replicated heads) and any pipeline parallelism are refused, naming the flag."""
+    from vllm_snapkv.plugin import parallel_refusal
+
+    for tp, heads in ((1, 1), (2, 2), (2, 8), (4, 4), (8, 8)):
+        assert parallel_refusal(tp, 1, heads) is None
+    for tp, heads in ((2, 1), (4, 2), (8, 4), (3, 2)):
+        msg = parallel_refusal(tp, 1, heads)
+        assert msg and f"--tensor-parallel-size {tp}" in msg and f"{heads} KV heads" in msg
+    msg = parallel_refusal(1, 2, 8)
+    assert msg and "--pipeline-parallel-size 2" in msg
