@@ -1,0 +1,96 @@
+"""Why decode compaction buys capacity but less throughput on this CPU: a decode step's cost
+against the batch size, with and without compaction during decode.
+
+The decode section (``benchmarks.phases``) fits 4.5x as many long-output requests into a pool
+at 8x, yet output tokens/s rose far less. Throughput is batch / step time, so it only grows
+with the batch if a step's cost grows more slowly than the batch. This measures that directly:
+the tiny model in vLLM (offline ``LLM``, one engine per configuration, a pool large enough
+that nothing is preempted), ``B`` requests of 256 prompt tokens decoding 512 tokens each; the
+decode time per step is (wall - wall of the same requests with one output token) / 511.
+
+    .venv/bin/python -m benchmarks.step_cost [--out results/step-cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+PROMPT, OUTPUT = 256, 512
+BATCHES = (1, 8, 22, 44, 99)
+CONFIGS = {
+    "vanilla": None,
+    # Decode budget 128 + interval 128: the attended KV stays within 128..256 tokens.
+    "decode-128": {"kv_compression": "snapkv",
+                   "snapkv": {"window": 32, "decode_budget": 128, "decode_interval": 128}},
+}
+
+
+def _engine(config: str) -> None:
+    """One configuration, every batch size, in this process; prints one JSON line."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+
+    from vllm_snapkv import models
+
+    extra = {}
+    if CONFIGS[config]:
+        extra = {"worker_cls": "vllm_snapkv.worker.SnapKVCPUWorker",
+                 "additional_config": CONFIGS[config]}
+    llm = LLM(model=str(models.ensure_model(models.TINY)), dtype="float32",
+              max_model_len=1024, enforce_eager=True, enable_prefix_caching=False,
+              kv_cache_memory_bytes=1 << 30, max_num_seqs=128, **extra)
+    rng = random.Random(0)
+    out = {}
+
+    def timed(batch: int, tokens: int) -> float:
+        prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(PROMPT)]}
+                   for _ in range(batch)]
+        sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        return time.perf_counter() - t0
+
+    timed(4, 16)  # warm-up
+    for batch in BATCHES:
+        floor, wall = timed(batch, 1), timed(batch, OUTPUT)
+        step = (wall - floor) / (OUTPUT - 1)
+        out[batch] = {"wall_s": wall, "prefill_s": floor, "step_ms": step * 1e3,
+                      "per_token_us": step / batch * 1e6, "tokens_per_s": batch / step}
+    print("STEP_COST " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/step-cost.json")
+    ap.add_argument("--engine", choices=list(CONFIGS))
+    args = ap.parse_args()
+    if args.engine:
+        _engine(args.engine)
+        return
+    results = {}
+    for config in CONFIGS:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--engine", config],
+                              capture_output=True, text=True, check=False)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("STEP_COST ")]
+        if proc.returncode or not lines:
+            raise SystemExit(proc.stderr[-3000:])
+        results[config] = json.loads(lines[-1].split(" ", 1)[1])
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"prompt": PROMPT, "output": OUTPUT, "results": results}, f, indent=1)
+    print("| config | batch | step ms | per token us | output tok/s | step ms / batch-1 step |")
+    print("|---|---|---|---|---|---|")
+    for config, rows in results.items():
+        for batch, r in rows.items():
+            print(f"| {config} | {batch} | {r['step_ms']:.1f} | {r['per_token_us']:.0f} | "
+                  f"{r['tokens_per_s']:.0f} | {r['step_ms'] / rows['1']['step_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
