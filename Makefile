@@ -1,6 +1,6 @@
 # The two commands of the README. Both set up what they need first (idempotent); `make test`
 # also installs Debian's prometheus (the metrics tests scrape the real server with it).
-.PHONY: setup serve test unit bench bench-smoke check-vllm-sources
+.PHONY: setup serve test unit test-image bench bench-smoke check-vllm-sources
 
 setup:
 	scripts/setup.sh
@@ -14,6 +14,11 @@ test: setup
 
 unit: setup
 	.venv/bin/python -m pytest tests/unit
+
+# Build docker/Dockerfile.cpu with podman and serve from the image (opt-in: ~10 min, 5 GB;
+# scripts/build-image.sh says which environment variables it reads).
+test-image: setup
+	VLLM_SNAPKV_IMAGE_TEST=1 .venv/bin/python -m pytest -s tests/container
 
 # The benchmark suite against vanilla vLLM, the recency baseline and kvpress (its own venv, made on
 # first use). Results: results/bench-<time>/{results.json,summary.md,*.png} (results.json's
