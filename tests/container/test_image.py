@@ -4,7 +4,13 @@ SmolLM2 with compression on) answering over HTTP.
 Opt-in (``make test-image``, or ``VLLM_SNAPKV_IMAGE_TEST=1``): it builds a 5 GB image (about
 10 minutes) with podman, which CI's machines do not have installed. ``scripts/build-image.sh``
 takes its settings from the environment (``BASE=debootstrap`` where Docker Hub is unreachable,
-``PODMAN_BUILD_FLAGS``); ``PODMAN_RUN_FLAGS`` adds flags to ``podman run``.
+``PODMAN``, ``PODMAN_BUILD_FLAGS``); ``PODMAN_RUN_FLAGS`` adds flags to ``podman run``.
+
+Ran on this project's VM (Debian bookworm, podman 4.3 + runc from Debian) as::
+
+    BASE=debootstrap PODMAN="podman --runtime runc" PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    PODMAN_BUILD_FLAGS="--ulimit nofile=1024:1024 --ulimit nproc=1000:1000" \
+    PODMAN_RUN_FLAGS="--ulimit nofile=1024:1024 --ulimit nproc=1000:1000" make test-image
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ IMAGE = os.environ.get("IMAGE", "localhost/vllm-snapkv:cpu")
 
 
 def _podman(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, **kw)
+    podman = shlex.split(os.environ.get("PODMAN", "podman"))
+    return subprocess.run([*podman, *args], capture_output=True, text=True, **kw)
 
 
 def test_image_builds_and_serves_compressed_requests():
