@@ -8,6 +8,7 @@ and the moved K/V against the original keys at the kept positions.
 from __future__ import annotations
 
 import torch
+from dense_kv import DenseAccessor
 from test_methods import _keep, keydiff_reference
 
 from vllm_snapkv.backends import compaction
@@ -25,15 +26,6 @@ def test_missing_window_queries_fall_back_to_keydiff() -> None:
     values = torch.randn(hkv, n, d, generator=gen)
     orig_k, orig_v = keys.clone(), values.clone()
 
-    class DenseAccessor:  # one request's K/V as plain [H, N, D] tensors
-        def read_kv(self, kv_cache, block_ids, positions):
-            idx = positions if positions.dim() == 2 else positions.expand(hkv, -1)
-            return (torch.stack([keys[h, idx[h]] for h in range(hkv)]),
-                    torch.stack([values[h, idx[h]] for h in range(hkv)]))
-
-        def write_kv(self, kv_cache, block_ids, positions, k, v):
-            keys[:, positions], values[:, positions] = k, v
-
     settings = SnapKVSettings(budget=budget, window=window)
     schedule = Schedule(prompt_len=n, block_size=64, method="snapkv", prompt_target=budget)
     (c,) = schedule.compactions(n)
@@ -42,7 +34,7 @@ def test_missing_window_queries_fall_back_to_keydiff() -> None:
     row = RowPlan(0, "orphan", 0, step, n - step, settings, schedule, 0, (c,), None)
     state = RunnerState(object())
     kept = compaction.compact(row, c, torch.randn(step, hq, d, generator=gen), torch.empty(0),
-                              torch.empty(0), DenseAccessor(), state, "layer0")
+                              torch.empty(0), DenseAccessor(keys, values), state, "layer0")
     assert state.fallbacks == 1
     ref = keydiff_reference(orig_k[:, c.prior:c.at])
     for h in range(hkv):

@@ -13,6 +13,7 @@ from pathlib import Path
 import prometheus_client
 import pytest
 import torch
+from dense_kv import DenseAccessor
 from prometheus_client import CollectorRegistry
 
 from vllm_snapkv import metrics
@@ -225,15 +226,6 @@ def test_selection_timer_observes_every_compaction() -> None:
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(hkv, n, d, generator=gen), torch.randn(hkv, n, d, generator=gen)
 
-    class DenseAccessor:  # one request's K/V as plain [H, N, D] tensors
-        def read_kv(self, kv_cache, block_ids, positions):
-            idx = positions if positions.dim() == 2 else positions.expand(hkv, -1)
-            return (torch.stack([keys[h, idx[h]] for h in range(hkv)]),
-                    torch.stack([values[h, idx[h]] for h in range(hkv)]))
-
-        def write_kv(self, kv_cache, block_ids, positions, k, v):
-            keys[:, positions], values[:, positions] = k, v
-
     settings = SnapKVSettings(budget=128, window=8)
     schedule = _schedule(n=n, target=128, bs=64)
     (c,) = schedule.compactions(n)
@@ -241,7 +233,7 @@ def test_selection_timer_observes_every_compaction() -> None:
     state = RunnerState(object())
     for layer in ("layer0", "layer1"):
         compaction.compact(row, c, torch.randn(n, hq, d, generator=gen), torch.empty(0),
-                           torch.empty(0), DenseAccessor(), state, layer)
+                           torch.empty(0), DenseAccessor(keys, values), state, layer)
     times = timer.take().data["selection_s"]
     assert list(times) == ["timed"] and 0 < times["timed"] < 10
     assert timer.take() is None
