@@ -15,7 +15,8 @@ has finished), ``aborts`` (``[{"id", "after_step"}]``: abort a request after tha
 ``debug`` (turn on the workers' attention debug hook), ``all_ranks`` (report every
 tensor-parallel worker, not only rank 0), ``kept`` (with ``debug``: the kept positions of every
 compaction of every request, per rank), ``metrics`` (vLLM's own counters after the run; needs
-``"disable_log_stats": false`` in ``engine``). A request may ask for ``logprobs``.
+``"disable_log_stats": false`` in ``engine``). A request may ask for ``logprobs``, ``n`` and a
+``temperature`` (default greedy).
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ def main() -> None:
     pending = list(spec["requests"])
     outputs: dict[str, dict] = {}
     timeline: list[dict] = []
+    finished_seqs: dict[str, dict[int, list[int]]] = {}
 
     def add(req: dict) -> None:
-        sp = SamplingParams(max_tokens=req.get("max_tokens", 8), temperature=0,
+        sp = SamplingParams(max_tokens=req.get("max_tokens", 8), n=req.get("n", 1),
+                            temperature=req.get("temperature", 0),
                             ignore_eos=req.get("ignore_eos", True), logprobs=req.get("logprobs"),
                             extra_args=req.get("extra_args"))
         prompt = ({"prompt_token_ids": req["prompt_token_ids"]} if "prompt_token_ids" in req
@@ -70,12 +73,18 @@ def main() -> None:
             engine.abort_request([aborts[steps]])
             outputs[aborts[steps]] = {"aborted_at_step": steps}
         for out in engine.step():
+            for o in out.outputs:  # n > 1: sequences may finish in different steps
+                if o.finish_reason is not None:
+                    finished_seqs.setdefault(out.request_id, {})[o.index] = list(o.token_ids)
             if out.finished:
                 c = out.outputs[0]
                 outputs[out.request_id] = {"token_ids": list(c.token_ids), "text": c.text,
                                            "prompt_len": len(out.prompt_token_ids or []),
                                            "num_cached_tokens": out.num_cached_tokens,
-                                           "kv_transfer_params": out.kv_transfer_params}
+                                           "kv_transfer_params": out.kv_transfer_params,
+                                           "completions": [
+                                               seq for _, seq in sorted(
+                                                   finished_seqs[out.request_id].items())]}
                 if c.logprobs:
                     outputs[out.request_id]["logprobs"] = [
                         lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]

@@ -226,3 +226,32 @@ def test_preempted_after_decode_compactions_and_aborted_requests(tiny_path):
         len(decode_events(300, 300 + 1200 - 1))  # each compaction counted once
     assert max(_find(rep["debug"]["max_err"], "dec"), 0) < ATOL
     assert result["free_end"] == result["free_start"], "blocks leaked"
+
+
+def test_n2_sequences_compact_each_on_their_own(tiny_path):
+    # n = 2 sampled sequences of one request share the prompt but generate different tokens:
+    # each is its own engine request, with its own schedule, compactions and bound.
+    n, m = 300, 700
+    result = run_probe({
+        "model": str(tiny_path), "debug": True,
+        "engine": {**ENGINE, "additional_config": DECODE},
+        "requests": [{"id": "pair", "prompt_token_ids": _ids(n, 21), "max_tokens": m, "n": 2,
+                      "temperature": 1.0}],
+    })
+    a, b = result["outputs"]["pair"]["completions"]
+    assert len(a) == len(b) == m and a != b
+    events = decode_events(n, n + m - 1)
+    rep = result["snapkv_report"]
+    children = [k for k in rep["compactions"] if "pair" in k]
+    assert len(children) == 2, list(rep["compactions"])
+    for k in children:
+        assert rep["compactions"][k]["compactions"] == len(events) >= 3
+        assert rep["debug"]["slot_err"][k] == 0.0 and rep["debug"]["checks"][k] > 0
+        assert rep["debug"]["max_err"][k] <= ATOL * max(1.0, rep["debug"]["max_ref"][k])
+    bound = -(-(B + S) // BLOCK) + 1
+    held = {}
+    for step in result["timeline"]:
+        for rid, blocks in step["held"].items():
+            held[rid] = max(held.get(rid, 0), blocks)
+    assert len(held) == 2 and max(held.values()) <= bound, (held, bound)
+    assert result["free_end"] == result["free_start"], "blocks leaked"
