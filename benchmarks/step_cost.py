@@ -8,7 +8,9 @@ the tiny model in vLLM (offline ``LLM``, one engine per configuration, a pool la
 that nothing is preempted), ``B`` requests of 256 prompt tokens decoding 512 tokens each; the
 decode time per step is (wall - wall of the same requests with one output token) / 511.
 
-    .venv/bin/python -m benchmarks.step_cost [--out results/step-cost.json]
+    .venv/bin/python -m benchmarks.step_cost [--out results/step-cost.json] [--smoke]
+
+(``--smoke``: batches 1 and 2, 16 output tokens; what the test suite runs so this cannot rot.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ CONFIGS = {
 }
 
 
-def _engine(config: str) -> None:
+def _engine(config: str, batches: tuple[int, ...], output: int) -> None:
     """One configuration, every batch size, in this process; prints one JSON line."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
@@ -57,9 +59,9 @@ def _engine(config: str) -> None:
         return time.perf_counter() - t0
 
     timed(4, 16)  # warm-up
-    for batch in BATCHES:
-        floor, wall = timed(batch, 1), timed(batch, OUTPUT)
-        step = (wall - floor) / (OUTPUT - 1)
+    for batch in batches:
+        floor, wall = timed(batch, 1), timed(batch, output)
+        step = (wall - floor) / (output - 1)
         out[batch] = {"wall_s": wall, "prefill_s": floor, "step_ms": step * 1e3,
                       "per_token_us": step / batch * 1e6, "tokens_per_s": batch / step}
     print("STEP_COST " + json.dumps(out), flush=True)
@@ -69,13 +71,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/step-cost.json")
     ap.add_argument("--engine", choices=list(CONFIGS))
+    ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    batches, output = ((1, 2), 16) if args.smoke else (BATCHES, OUTPUT)
     if args.engine:
-        _engine(args.engine)
+        _engine(args.engine, batches, output)
         return
     results = {}
     for config in CONFIGS:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--engine", config],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--engine", config,
+                               *(["--smoke"] if args.smoke else [])],
                               capture_output=True, text=True, check=False)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("STEP_COST ")]
         if proc.returncode or not lines:
@@ -83,7 +88,7 @@ def main() -> None:
         results[config] = json.loads(lines[-1].split(" ", 1)[1])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"prompt": PROMPT, "output": OUTPUT, "results": results}, f, indent=1)
+        json.dump({"prompt": PROMPT, "output": output, "results": results}, f, indent=1)
     print("| config | batch | step ms | per token us | output tok/s | step ms / batch-1 step |")
     print("|---|---|---|---|---|---|")
     for config, rows in results.items():
