@@ -1,6 +1,6 @@
 # The two commands of the README. Both set up what they need first (idempotent); `make test`
 # also installs Debian's prometheus (the metrics tests scrape the real server with it).
-.PHONY: setup serve test unit test-image bench bench-smoke check-vllm-sources
+.PHONY: setup serve test test-tp unit test-image bench bench-smoke check-vllm-sources
 
 setup:
 	scripts/setup.sh
@@ -11,6 +11,10 @@ serve:
 test: setup
 	scripts/install-prometheus.sh
 	.venv/bin/python -m pytest tests
+
+# Tensor parallelism (TP=2, threads bound to cores 0 and 1): opt-in, see README "Known issues".
+test-tp: setup
+	VLLM_SNAPKV_TP_TESTS=1 .venv/bin/python -m pytest tests/integration/test_tensor_parallel.py
 
 unit: setup
 	.venv/bin/python -m pytest tests/unit
