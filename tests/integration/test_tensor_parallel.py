@@ -122,7 +122,7 @@ def test_tp2_server_counts_each_request_once(start_server, tiny_path, monkeypatc
         monkeypatch.setenv(k, v)
     # Eager, as the probe test above: with torch.compile on, vLLM-CPU warms both ranks up with a
     # compiled profile run before the pool is sized, and one CI run's TP=2 server hung there
-    # (determine_available_memory, 600 s; 9 start-ups here did not hang). The
+    # (determine_available_memory, 600 s; 10 start-ups here did not hang). The
     # counting under test does not depend on compilation.
     server = start_server(tiny_path, ["--tensor-parallel-size", "2", "--enforce-eager",
                                       "--kv-compression",
