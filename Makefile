@@ -12,9 +12,9 @@ test: setup
 	scripts/install-prometheus.sh
 	.venv/bin/python -m pytest tests
 
-# Tensor parallelism (TP=2, threads bound to cores 0 and 1): opt-in, see README "Known issues".
+# Only the tensor-parallel tests (TP=2, threads bound to cores 0 and 1; also part of `make test`).
 test-tp: setup
-	VLLM_SNAPKV_TP_TESTS=1 .venv/bin/python -m pytest tests/integration/test_tensor_parallel.py
+	.venv/bin/python -m pytest tests/integration/test_tensor_parallel.py
 
 unit: setup
 	.venv/bin/python -m pytest tests/unit

@@ -28,24 +28,69 @@ def tiny_path() -> Path:
     return models.ensure_model(models.TINY)
 
 
-@pytest.fixture(scope="session")
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """Factory: ``start_server(model_path, args, name)`` -> a running :class:`VllmServer`.
+#: At most this many `vllm serve` processes may be alive at once. Each holds a model, its KV pool
+#: and an engine and a worker process (SmolLM2 with the default 1 GiB pool: ~3.5 GiB). When every
+#: server lived until the end of the session, eight were alive by the last integration tests;
+#: on the 24 GiB CI machines (no swap) the next engine then ran the machine out of memory, it
+#: stalled in page faults and the OOM killer struck (seen in the kernel log), which surfaced as a
+#: TP=2 engine "hanging". Starting one more than this is an error that names the live servers.
+MAX_LIVE_SERVERS = 4
 
-    Every server started through it is stopped at the end of the session (or earlier by the
-    caller through ``server.stop()``).
-    """
-    started: list[VllmServer] = []
+_LIVE: list[VllmServer] = []
 
-    def start(model: Path, args: list[str] | None = None, name: str = "model") -> VllmServer:
-        log = tmp_path_factory.mktemp("vllm") / f"{name}.log"
+
+class _Servers:
+    """The servers one fixture scope started; :meth:`stop` takes them all down."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+        self._started: list[VllmServer] = []
+
+    def start(self, model: Path, args: list[str] | None = None, name: str = "model"
+              ) -> VllmServer:
+        alive = [s for s in _LIVE if s.proc is not None and s.proc.poll() is None]
+        if len(alive) >= MAX_LIVE_SERVERS:
+            raise RuntimeError(
+                f"{len(alive)} vllm serve processes are alive ({', '.join(s.name for s in alive)}"
+                f"); starting '{name}' too could exhaust this machine's memory. Stop servers at "
+                "the end of the test or module that needs them (start_server / "
+                "start_module_server).")
+        log = self._tmp.mktemp("vllm") / f"{name}.log"
         server = VllmServer(model, list(args or []), log, name)
-        started.append(server)
+        self._started.append(server)
+        _LIVE.append(server)
         return server.start()
 
-    yield start
-    for server in started:
-        server.stop()
+    def stop(self) -> None:
+        for server in self._started:
+            server.stop()
+            _LIVE.remove(server)
+        self._started.clear()
+
+
+@pytest.fixture
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Factory: ``start_server(model_path, args, name)`` -> a running :class:`VllmServer`,
+    stopped when the test that started it ends."""
+    servers = _Servers(tmp_path_factory)
+    yield servers.start
+    servers.stop()
+
+
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """As :func:`start_server`, for module-scoped fixtures: stopped when the module ends."""
+    servers = _Servers(tmp_path_factory)
+    yield servers.start
+    servers.stop()
+
+
+@pytest.fixture(scope="session")
+def _session_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """The servers that several test files share (stopped at the end of the session)."""
+    servers = _Servers(tmp_path_factory)
+    yield servers.start
+    servers.stop()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -75,14 +120,14 @@ def post_ok(server: VllmServer, path: str, body: dict) -> dict:
 
 
 @pytest.fixture(scope="session")
-def smollm2_server(start_server, smollm2_path) -> VllmServer:
+def smollm2_server(_session_servers, smollm2_path) -> VllmServer:
     """SmolLM2 served from the `make serve` preset (compression on)."""
     # --config supplies dtype, kv-compression etc.; the fixture's own flags come after it and
     # override host/port/cache size for the test.
-    return start_server(smollm2_path, ["--config", str(PRESET)], name="smollm2")
+    return _session_servers(smollm2_path, ["--config", str(PRESET)], name="smollm2")
 
 
 @pytest.fixture(scope="session")
-def tiny_server(start_server, tiny_path) -> VllmServer:
+def tiny_server(_session_servers, tiny_path) -> VllmServer:
     """The tiny random model, compression off."""
-    return start_server(tiny_path, ["--kv-compression", "none"], name="tiny")
+    return _session_servers(tiny_path, ["--kv-compression", "none"], name="tiny")

@@ -53,8 +53,8 @@ def test_a_vllm_connector_is_refused_at_startup(tiny_path: Path, tmp_path: Path)
 
 
 @pytest.fixture(scope="module")
-def probe(start_server, smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory
-          ) -> tuple[VllmServer, Path]:
+def probe(start_module_server, smollm2_path: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> tuple[VllmServer, Path]:
     """The `make serve` preset plus the probe connector, and the connector's log folder."""
     log_dir = tmp_path_factory.mktemp("probe-connector")
     ktc = {"kv_connector": "ProbeConnector", "kv_connector_module_path": "probe_connector",
@@ -62,9 +62,9 @@ def probe(start_server, smollm2_path: Path, tmp_path_factory: pytest.TempPathFac
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), old) if p)
     try:
-        server = start_server(smollm2_path, ["--config", str(PRESET),
-                                             "--kv-transfer-config", json.dumps(ktc)],
-                              name=MODEL)
+        server = start_module_server(smollm2_path, ["--config", str(PRESET),
+                                                    "--kv-transfer-config", json.dumps(ktc)],
+                                     name=MODEL)
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")

