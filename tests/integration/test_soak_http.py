@@ -200,25 +200,42 @@ def test_engine_killed_mid_request_fails_requests_and_health(start_server, tiny_
     server = start_server(tiny_path, FLAGS, name="fault")
     pids = _engine_pids(server.proc.pid)
     assert pids, "no engine core process found"
-    outcome: dict = {}
+    outcome: dict = {"chunks": 0, "finished": False, "errors": []}
+    first = threading.Event()
 
     def client():
+        # Streamed, so the engine is killed while this request is surely mid-generation (after
+        # its first chunk), however fast the machine is.
         try:
-            r = requests.post(f"{server.url}/v1/completions", timeout=120, json={
-                "model": "fault", "prompt": _ids(400, 9), "max_tokens": 1600,
-                "ignore_eos": True})
-            outcome["status"] = r.status_code
+            with requests.post(f"{server.url}/v1/completions", stream=True, timeout=120, json={
+                    "model": "fault", "prompt": _ids(400, 9), "max_tokens": 1600,
+                    "ignore_eos": True, "stream": True}) as r:
+                outcome["status"] = r.status_code
+                for line in r.iter_lines():
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    body = json.loads(line[6:])
+                    if "error" in body:
+                        outcome["errors"].append(body["error"])
+                        continue
+                    outcome["chunks"] += 1
+                    first.set()
+                    if body["choices"] and body["choices"][0].get("finish_reason") == "length":
+                        outcome["finished"] = True
         except requests.RequestException as exc:
-            outcome["error"] = type(exc).__name__
+            outcome["errors"].append(type(exc).__name__)
+        finally:
+            first.set()
 
     t = threading.Thread(target=client)
     t.start()
-    time.sleep(3)
+    assert first.wait(120), "no chunk within 120 s"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     t.join(timeout=150)
     assert not t.is_alive(), "the in-flight request hung after the engine died"
-    assert outcome.get("status", 500) >= 500 or "error" in outcome, outcome
+    assert outcome["chunks"] >= 1 and not outcome["finished"], outcome
+    assert outcome["errors"] or outcome.get("status", 500) >= 500, outcome
     healthy = True
     for _ in range(30):
         try:
