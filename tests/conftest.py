@@ -67,30 +67,31 @@ class _Servers:
             _LIVE.remove(server)
         self._started.clear()
 
+    @classmethod
+    def scoped(cls, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+        """A fixture body: yield the start function, stop what it started afterwards."""
+        servers = cls(tmp_path_factory)
+        yield servers.start
+        servers.stop()
+
 
 @pytest.fixture
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Factory: ``start_server(model_path, args, name)`` -> a running :class:`VllmServer`,
     stopped when the test that started it ends."""
-    servers = _Servers(tmp_path_factory)
-    yield servers.start
-    servers.stop()
+    yield from _Servers.scoped(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def start_module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """As :func:`start_server`, for module-scoped fixtures: stopped when the module ends."""
-    servers = _Servers(tmp_path_factory)
-    yield servers.start
-    servers.stop()
+    yield from _Servers.scoped(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def _session_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """The servers that several test files share (stopped at the end of the session)."""
-    servers = _Servers(tmp_path_factory)
-    yield servers.start
-    servers.stop()
+    yield from _Servers.scoped(tmp_path_factory)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
