@@ -1,6 +1,6 @@
 # The two commands of the README. Both set up what they need first (idempotent); `make test`
 # also installs Debian's prometheus (the metrics tests scrape the real server with it).
-.PHONY: setup serve test test-tp unit test-image bench bench-smoke check-vllm-sources
+.PHONY: setup serve test test-parallel unit test-image bench bench-smoke check-vllm-sources
 
 setup:
 	scripts/setup.sh
@@ -12,9 +12,11 @@ test: setup
 	scripts/install-prometheus.sh
 	.venv/bin/python -m pytest tests
 
-# Only the tensor-parallel tests (TP=2, threads bound to cores 0 and 1; also part of `make test`).
-test-tp: setup
-	.venv/bin/python -m pytest tests/integration/test_tensor_parallel.py
+# Only the parallelism tests (TP=2, PP=2 and DP=2, threads bound to cores 0 and 1; also part of
+# `make test`).
+test-parallel: setup
+	scripts/install-prometheus.sh
+	.venv/bin/python -m pytest tests/integration/test_parallelism.py
 
 unit: setup
 	.venv/bin/python -m pytest tests/unit

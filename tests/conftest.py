@@ -113,6 +113,18 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 PRESET = REPO / "configs" / "smollm2-cpu-snapkv.yaml"
 
 
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` in a ``/metrics`` text whose labels include
+    ``labels`` (0 when there is none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def post_ok(server: VllmServer, path: str, body: dict) -> dict:
     """POST ``body`` to the server and return the JSON answer, asserting HTTP 200."""
     r = requests.post(f"{server.url}{path}", json=body, timeout=300)

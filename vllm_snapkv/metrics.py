@@ -130,7 +130,8 @@ def empty_data() -> dict[str, Any]:
         "freed": {},
         # reason -> count of finished requests that were not compressed
         "skipped": {},
-        # request id -> selection seconds (worker side; max over workers)
+        # request id -> pipeline stage -> selection seconds of that stage's layers (worker
+        # side; max over a stage's tensor-parallel workers, summed over stages when read)
         "selection_s": {},
         # blocks saved right now (scheduler side; absent when unchanged)
         "blocks_saved": None,
@@ -145,19 +146,29 @@ def _add_counts(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dic
 
 
 def aggregate_data(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Combine two payloads: lists concatenate, counts add, per-request times take the max (the
-    same request timed by several tensor-parallel workers), the gauge takes the later value."""
+    """Combine two payloads: lists concatenate, counts add, per-request times take the max per
+    pipeline stage (the tensor-parallel workers of a stage select for the same layers at the
+    same time, in parallel), the gauge takes the later value."""
     out = empty_data()
     out["compressed"] = list(a.get("compressed") or []) + list(b.get("compressed") or [])
     for key in ("evicted", "freed", "skipped"):
         out[key] = _add_counts(a.get(key), b.get(key))
-    sel = dict(a.get("selection_s") or {})
-    for rid, s in (b.get("selection_s") or {}).items():
-        sel[rid] = max(sel.get(rid, 0.0), s)
+    sel = {rid: dict(stages) for rid, stages in (a.get("selection_s") or {}).items()}
+    for rid, stages in (b.get("selection_s") or {}).items():
+        mine = sel.setdefault(rid, {})
+        for stage, s in stages.items():
+            mine[stage] = max(mine.get(stage, 0.0), s)
     out["selection_s"] = sel
     out["blocks_saved"] = (b.get("blocks_saved") if b.get("blocks_saved") is not None
                            else a.get("blocks_saved"))
     return out
+
+
+def selection_seconds(data: Mapping[str, Any]) -> dict[str, float]:
+    """Each request's selection time in a payload: the sum over pipeline stages (a step's
+    stages select one after another, each for its own layers) of each stage's time."""
+    return {rid: float(sum(stages.values()))
+            for rid, stages in (data.get("selection_s") or {}).items()}
 
 
 def data_is_empty(data: Mapping[str, Any]) -> bool:
@@ -183,7 +194,7 @@ class SnapKVStats(KVConnectorStats):
         comp = self.data.get("compressed") or []
         prompt = sum(c[0] for c in comp)
         kept = sum(c[1] for c in comp)
-        sel = list((self.data.get("selection_s") or {}).values())
+        sel = list(selection_seconds(self.data).values())
         out: dict[str, int | float] = {
             "SnapKV compressed": len(comp),
             "skipped": int(sum((self.data.get("skipped") or {}).values())),
@@ -307,12 +318,13 @@ class SelectionTimer:
     def add(self, req_id: str, seconds: float) -> None:
         self._times[req_id] = self._times.get(req_id, 0.0) + seconds
 
-    def take(self) -> SnapKVStats | None:
+    def take(self, stage: int = 0) -> SnapKVStats | None:
+        """The times since the last call, as a payload from pipeline stage ``stage``."""
         if not self._times:
             return None
         times, self._times = self._times, {}
         data = empty_data()
-        data["selection_s"] = times
+        data["selection_s"] = {rid: {str(stage): t} for rid, t in times.items()}
         return SnapKVStats(data=data)
 
 
@@ -411,7 +423,7 @@ class SnapKVPromMetrics(KVConnectorPromMetrics):
         for reason, n in (data.get("skipped") or {}).items():
             if reason in SKIP_REASONS and n:
                 self._child(self.skipped, engine_idx, reason).inc(n)
-        for seconds in (data.get("selection_s") or {}).values():
+        for seconds in selection_seconds(data).values():
             self._child(self.selection, engine_idx).observe(seconds)
         if data.get("blocks_saved") is not None:
             self._child(self.saved, engine_idx).set(data["blocks_saved"])

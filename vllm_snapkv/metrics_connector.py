@@ -83,6 +83,11 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
         self.recorder: metrics.StatsRecorder | None = None
         self._timer = metrics.SelectionTimer.install() if role == KVConnectorRole.WORKER \
             else None
+        # A worker's pipeline stage: vLLM aggregates every worker's stats of a step, and the
+        # stages of a pipeline select one after another (their times add up) while the
+        # tensor-parallel workers of a stage select at the same time (the slowest counts).
+        self._stage = (int(seam.get("get_pp_group")().rank_in_group)
+                       if self._timer is not None else 0)
 
     def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]
                                     ) -> tuple[bool, dict[str, Any] | None]:
@@ -92,7 +97,7 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
 
     def get_kv_connector_stats(self) -> metrics.SnapKVStats | None:
         if self._timer is not None:
-            return self._timer.take()
+            return self._timer.take(self._stage)
         if self.recorder is not None:
             return self.recorder.take()
         return None

@@ -90,9 +90,11 @@ def _wire_vllm_config(vllm_config: Any) -> None:
         raise ValueError(cli.error_message(err)) from None
     _check_pool_fits(vllm_config, current_platform)
     parallel = vllm_config.parallel_config
+    eager = vllm_config.compilation_config.mode == seam.get("CompilationMode.NONE")
     refusal = parallel_refusal(int(parallel.tensor_parallel_size or 1),
                                int(parallel.pipeline_parallel_size or 1),
-                               int(vllm_config.model_config.get_total_num_kv_heads()))
+                               int(vllm_config.model_config.get_total_num_kv_heads()),
+                               cpu_eager=bool(current_platform.is_cpu() and eager))
     if refusal:
         raise ValueError(refusal)
     if current_platform.is_cpu():
@@ -115,20 +117,29 @@ def _wire_vllm_config(vllm_config: Any) -> None:
     scheduler.scheduler_cls = scheduler_class_for(bool(scheduler.async_scheduling))
 
 
-def parallel_refusal(tensor_parallel: int, pipeline_parallel: int, kv_heads: int) -> str | None:
+def parallel_refusal(tensor_parallel: int, pipeline_parallel: int, kv_heads: int,
+                     cpu_eager: bool = False) -> str | None:
     """Why compression cannot run with this parallelism, or ``None`` if it can.
 
     Tensor parallelism shards KV heads across ranks and each rank selects for its own heads
     with its own query heads (GQA groups never straddle ranks), so the kept sets equal TP=1's.
     With more ranks than KV heads vLLM *replicates* each KV head on several ranks, each seeing
     only part of the head's query group: the replicas would score differently and keep
-    different tokens for what TP=1 treats as one head, so that is refused. Pipeline parallelism
-    has never run with compression here, so it is refused rather than left to chance.
+    different tokens for what TP=1 treats as one head, so that is refused.
+
+    Pipeline and data parallelism need nothing refused: a pipeline stage holds its own layers'
+    KV in the request's one block table, evaluates the same schedule and compacts its layers at
+    the same step, so the one scheduler frees each block once; a data-parallel engine compacts
+    only its own requests. One combination is refused for vLLM's own sake: on vLLM-CPU (0.32,
+    and 0.33's sources) an eager engine skips the warm-up run that allocates a later pipeline
+    stage's input buffers, so that stage fails on its first step (vanilla vLLM too); refusing
+    it at start-up names the flag instead of losing the first request.
     """
-    if pipeline_parallel > 1:
-        return (f"--kv-compression snapkv does not support --pipeline-parallel-size "
-                f"{pipeline_parallel} (not tested); use --tensor-parallel-size to spread the "
-                f"model over several devices")
+    if pipeline_parallel > 1 and cpu_eager:
+        return (f"--pipeline-parallel-size {pipeline_parallel} cannot run with --enforce-eager on "
+                f"vLLM's CPU platform: vLLM-CPU allocates a later pipeline stage's input buffers "
+                f"only in its compiled warm-up, so that stage would fail on its first step "
+                f"(vanilla vLLM too); leave out --enforce-eager")
     if tensor_parallel > kv_heads:
         return (f"--kv-compression snapkv needs at least one KV head per rank: "
                 f"--tensor-parallel-size {tensor_parallel} exceeds the model's {kv_heads} KV "

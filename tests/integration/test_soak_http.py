@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from conftest import metric_sum
+
 pytestmark = pytest.mark.engine
 
 FLAGS = ["--kv-compression", "snapkv", "--snapkv-budget", "128", "--snapkv-window", "16",
@@ -36,16 +38,6 @@ DROPS = 3  # streams the client drops mid-way (long enough that they never finis
 def _ids(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(100, 30000) for _ in range(n)]
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not (line.startswith(name + "{") or line.startswith(name + " ")):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _complete(url: str, body: dict) -> tuple[int, dict | str]:
@@ -160,24 +152,24 @@ def test_soak_mixed_clients_on_a_small_pool(start_server, tiny_path):
     text = ""
     for _ in range(60):
         text = requests.get(f"{url}/metrics", timeout=30).text
-        idle = (_metric(text, "vllm:num_requests_running") == 0
-                and _metric(text, "vllm:num_requests_waiting") == 0
-                and _metric(text, "vllm:kv_cache_usage_perc") == 0)
-        finished = _metric(text, "vllm:request_success_total")
-        counted = (_metric(text, "vllm:snapkv_compressed_requests_total")
-                   + _metric(text, "vllm:snapkv_skipped_requests_total"))
+        idle = (metric_sum(text, "vllm:num_requests_running") == 0
+                and metric_sum(text, "vllm:num_requests_waiting") == 0
+                and metric_sum(text, "vllm:kv_cache_usage_perc") == 0)
+        finished = metric_sum(text, "vllm:request_success_total")
+        counted = (metric_sum(text, "vllm:snapkv_compressed_requests_total")
+                   + metric_sum(text, "vllm:snapkv_skipped_requests_total"))
         if idle and counted == finished + DROPS:
             break
         # A tiny opted-out request makes the engine step once more (stats ride on steps).
         _complete(url, {"prompt": "hi", "max_tokens": 1,
                         "vllm_xargs": {"kv_compression": "none"}})
         time.sleep(1)
-    assert _metric(text, "vllm:num_requests_running") == 0
-    assert _metric(text, "vllm:kv_cache_usage_perc") == 0
-    assert _metric(text, "vllm:snapkv_blocks_saved") == 0
-    finished = _metric(text, "vllm:request_success_total")
-    compressed = _metric(text, "vllm:snapkv_compressed_requests_total")
-    skipped = _metric(text, "vllm:snapkv_skipped_requests_total")
+    assert metric_sum(text, "vllm:num_requests_running") == 0
+    assert metric_sum(text, "vllm:kv_cache_usage_perc") == 0
+    assert metric_sum(text, "vllm:snapkv_blocks_saved") == 0
+    finished = metric_sum(text, "vllm:request_success_total")
+    compressed = metric_sum(text, "vllm:snapkv_compressed_requests_total")
+    skipped = metric_sum(text, "vllm:snapkv_skipped_requests_total")
     well_formed = sum(1 for kind, *_ in jobs if not kind.startswith("bad:")) + 2  # + alone probes
     # vLLM counts client aborts in no finished reason; the plugin counts every request it freed.
     assert compressed + skipped == finished + DROPS, (compressed, skipped, finished)

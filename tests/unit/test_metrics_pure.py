@@ -64,16 +64,16 @@ def test_merge_keeps_a_real_connectors_params() -> None:
 def test_aggregate_sums_counts_concats_and_takes_max_time() -> None:
     a = {"compressed": [[2000, 1000, "snapkv", 1]], "skipped": {"fits_budget": 2},
          "evicted": {"prompt": 1000}, "freed": {"prompt": 7},
-         "selection_s": {"r1": 0.5}, "blocks_saved": 7}
+         "selection_s": {"r1": {"0": 0.5}}, "blocks_saved": 7}
     b = {"compressed": [[3000, 1100, "snapkv", 3]], "skipped": {"fits_budget": 1, "opted_out": 1},
          "evicted": {"prompt": 1792, "decode": 256}, "freed": {"prompt": 14, "decode": 2},
-         "selection_s": {"r1": 0.7, "r2": 0.1}, "blocks_saved": None}
+         "selection_s": {"r1": {"0": 0.7}, "r2": {"0": 0.1}}, "blocks_saved": None}
     out = metrics.aggregate_data(a, b)
     assert out["compressed"] == [[2000, 1000, "snapkv", 1], [3000, 1100, "snapkv", 3]]
     assert out["skipped"] == {"fits_budget": 3, "opted_out": 1}
     assert out["evicted"] == {"prompt": 2792, "decode": 256}
     assert out["freed"] == {"prompt": 21, "decode": 2}
-    assert out["selection_s"] == {"r1": 0.7, "r2": 0.1}
+    assert out["selection_s"] == {"r1": {"0": 0.7}, "r2": {"0": 0.1}}
     assert out["blocks_saved"] == 7
     stats = metrics.SnapKVStats(data=a).aggregate(metrics.SnapKVStats(data=b))
     red = stats.reduce()
@@ -234,9 +234,26 @@ def test_selection_timer_observes_every_compaction() -> None:
     for layer in ("layer0", "layer1"):
         compaction.compact(row, c, torch.randn(n, hq, d, generator=gen), torch.empty(0),
                            torch.empty(0), DenseAccessor(keys, values), state, layer)
-    times = timer.take().data["selection_s"]
-    assert list(times) == ["timed"] and 0 < times["timed"] < 10
+    times = timer.take(stage=1).data["selection_s"]
+    assert list(times) == ["timed"] and list(times["timed"]) == ["1"]
+    assert 0 < times["timed"]["1"] < 10
     assert timer.take() is None
+
+
+def test_selection_time_is_max_within_a_stage_and_sum_over_stages() -> None:
+    """A step's payloads from a TP=2 x PP=2 engine (four workers, vLLM aggregates them in any
+    order): the request's time is max(stage 0's ranks) + max(stage 1's ranks)."""
+    import itertools
+
+    workers = [("0", 0.30), ("0", 0.25), ("1", 0.10), ("1", 0.40)]
+    want = max(0.30, 0.25) + max(0.10, 0.40)
+    for order in itertools.permutations(workers):
+        acc = metrics.empty_data()
+        for stage, t in order:
+            acc = metrics.aggregate_data(acc, {"selection_s": {"r": {stage: t}}})
+        assert metrics.selection_seconds(acc) == {"r": pytest.approx(want)}
+        red = metrics.SnapKVStats(data=acc).reduce()
+        assert red["avg selection ms"] == pytest.approx(1000 * want, abs=0.01)
 
 
 def test_prom_metrics_observe() -> None:
@@ -248,7 +265,8 @@ def test_prom_metrics_observe() -> None:
     prom.observe({"compressed": [[2000, 1000, "snapkv", 1], [4000, 1000, "keydiff", 4]],
                   "evicted": {"prompt": 4000, "decode": 512}, "freed": {"prompt": 30,
                                                                         "decode": 4},
-                  "skipped": {"fits_budget": 3}, "selection_s": {"r": 0.02},
+                  "skipped": {"fits_budget": 3}, "selection_s": {"r": {"0": 0.02,
+                                                                            "1": 0.03}},
                   "blocks_saved": 30})
     lbl = {"model_name": "m", "engine": "0"}
     snap, kd = {**lbl, "method": "snapkv"}, {**lbl, "method": "keydiff"}
@@ -263,6 +281,7 @@ def test_prom_metrics_observe() -> None:
     assert v("vllm:snapkv_freed_blocks_total", {**lbl, "phase": "decode"}) == 4
     assert v("vllm:snapkv_skipped_requests_total", {**lbl, "reason": "fits_budget"}) == 3
     assert v("vllm:snapkv_selection_seconds_count", lbl) == 1
+    assert v("vllm:snapkv_selection_seconds_sum", lbl) == pytest.approx(0.05)
     assert v("vllm:snapkv_blocks_saved", lbl) == 30
 
 
