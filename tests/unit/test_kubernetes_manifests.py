@@ -3,8 +3,9 @@
 * Every Kubernetes object in a manifest file, and every object the kustomizations build, is
   validated strictly (unknown fields rejected) against the Kubernetes OpenAPI schemas bundled by
   the PyPI package ``kubernetes-validate``, for the oldest and the newest Kubernetes version pinned
-  below. The one object without a bundled schema, the Prometheus Operator's ServiceMonitor, is
-  checked against the Service it must select.
+  below. The objects without a bundled schema are custom resources: the Prometheus Operator's
+  ServiceMonitor is checked against the Service it must select, and the multi-node
+  LeaderWorkerSet's two pod templates are validated strictly as Kubernetes PodTemplates.
 * The kustomizations are built twice: by a small renderer here (resources, RFC 6902 patches,
   images: the only features they may use) and by ``kubectl kustomize`` (kustomize built into
   kubectl); both results must be equal.
@@ -49,9 +50,17 @@ VERSIONS = (OLDEST_KUBERNETES_VERSION, KUBERNETES_VERSION)
 
 BASE = "base"
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
-ROOTS = (BASE, *OVERLAYS, "prometheus-operator")
+MULTINODE = "multinode"
+ROOTS = ("common", BASE, *OVERLAYS, MULTINODE, "prometheus-operator")
+LWS = ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "vllm-snapkv")
 #: Objects whose schema is a CRD's, not bundled by kubernetes-validate.
-CRD_OBJECTS = {("monitoring.coreos.com/v1", "ServiceMonitor", "vllm-snapkv")}
+CRD_OBJECTS = {("monitoring.coreos.com/v1", "ServiceMonitor", "vllm-snapkv"), LWS}
+#: The fields of a LeaderWorkerSet (leaderworkerset.x-k8s.io/v1) these manifests may use.
+LWS_SPEC_KEYS = {"replicas", "leaderWorkerTemplate", "startupPolicy", "rolloutStrategy",
+                 "networkConfig"}
+LWS_TEMPLATE_KEYS = {"size", "restartPolicy", "leaderTemplate", "workerTemplate"}
+#: What the LeaderWorkerSet controller puts into every container's environment (a sample).
+LWS_ENV = {"LWS_GROUP_SIZE": "2", "LWS_LEADER_ADDRESS": "vllm-snapkv-0.vllm-snapkv.ns"}
 
 #: What the renderer below implements; a kustomization using anything else fails the tests.
 KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "patches", "images"}
@@ -226,6 +235,24 @@ def rendered(root: str) -> list[dict[str, Any]]:
 SERVED = (BASE, *OVERLAYS)  # the kustomizations with a Deployment
 
 
+def lws_templates(root: str = MULTINODE) -> dict[str, dict[str, Any]]:
+    """The multi-node LeaderWorkerSet's pod templates, by role (``leader``, ``worker``)."""
+    t = find(rendered(root), "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    return {"leader": t["leaderTemplate"], "worker": t["workerTemplate"]}
+
+
+def pod_templates(root: str) -> dict[str, dict[str, Any]]:
+    """Every pod template ``root`` builds: a Deployment's, or the LeaderWorkerSet's two."""
+    if root == MULTINODE:
+        return lws_templates(root)
+    return {"deployment": find(rendered(root), "Deployment")["spec"]["template"]}
+
+
+def template_container(template: dict[str, Any], name: str = "vllm") -> dict[str, Any]:
+    (c,) = [c for c in template["spec"]["containers"] if c["name"] == name]
+    return c
+
+
 # --- Kubernetes quantities (kubernetes-validate's schema takes any string) -------------------
 
 _SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
@@ -290,7 +317,7 @@ def test_rendered_objects_are_valid_strictly(root: str, version: str) -> None:
             kubernetes_validate.validate(obj, version, strict=True)
 
 
-def test_only_the_servicemonitor_lacks_a_bundled_schema() -> None:
+def test_only_the_custom_resources_lack_a_bundled_schema() -> None:
     """kubernetes-validate must know every other kind (a typo'd apiVersion/kind fails here)."""
     without = set()
     for obj in (obj for name in RESOURCE_FILES for obj in load_docs(K8S / name)):
@@ -426,7 +453,7 @@ def test_servicemonitor_selects_the_service() -> None:
     assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout"}
 
 
-@pytest.mark.parametrize("root", SERVED)
+@pytest.mark.parametrize("root", (*SERVED, MULTINODE))
 def test_snapkv_config_is_yaml_mounted_where_config_points(root: str) -> None:
     cm = find(rendered(root), "ConfigMap", CONFIG_MAP)
     config = yaml.safe_load(cm["data"][CONFIG_KEY])
@@ -434,21 +461,25 @@ def test_snapkv_config_is_yaml_mounted_where_config_points(root: str) -> None:
     assert config["kv-compression"] == "snapkv"
     assert all(k == "kv-compression" or k.startswith("snapkv-") for k in config), \
         "engine flags belong to the overlays' container args, SnapKV's to this file"
-    deployment = find(rendered(root), "Deployment")
-    c = container(deployment)
-    config_path = arg_value(c["args"], "--config")
-    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    (mount,) = [m for m in c["volumeMounts"] if config_path.startswith(m["mountPath"] + "/")]
-    source = volumes[mount["name"]]["configMap"]
-    assert source["name"] == CONFIG_MAP and mount.get("readOnly") is True
-    (item,) = source["items"]
-    assert item["key"] == CONFIG_KEY
-    assert f"{mount['mountPath']}/{item['path']}" == config_path
+    for template in pod_templates(root).values():
+        c = template_container(template)
+        config_path = arg_value(c["args"], "--config")
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        (mount,) = [m for m in c["volumeMounts"] if config_path.startswith(m["mountPath"] + "/")]
+        source = volumes[mount["name"]]["configMap"]
+        assert source["name"] == CONFIG_MAP and mount.get("readOnly") is True
+        (item,) = source["items"]
+        assert item["key"] == CONFIG_KEY
+        assert f"{mount['mountPath']}/{item['path']}" == config_path
 
 
-@pytest.mark.parametrize("root", SERVED)
+@pytest.mark.parametrize("root", (*SERVED, MULTINODE))
 def test_security_context_meets_the_restricted_pod_security_standard(root: str) -> None:
-    pod = find(rendered(root), "Deployment")["spec"]["template"]["spec"]
+    for template in pod_templates(root).values():
+        _assert_restricted(root, template["spec"])
+
+
+def _assert_restricted(root: str, pod: dict[str, Any]) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -481,10 +512,14 @@ def test_quantity_parser() -> None:
             quantity(bad)
 
 
-@pytest.mark.parametrize("root", SERVED)
+@pytest.mark.parametrize("root", (*SERVED, MULTINODE))
 def test_quantities_parse_and_requests_fit_limits(root: str) -> None:
-    deployment = find(rendered(root), "Deployment")
-    c = container(deployment)
+    for template in pod_templates(root).values():
+        _assert_quantities(root, template)
+
+
+def _assert_quantities(root: str, template: dict[str, Any]) -> None:
+    c = template_container(template)
     requests, limits = c["resources"]["requests"], c["resources"]["limits"]
     assert "memory" in limits, "an unbounded vLLM process can take the node's memory"
     for name in requests.keys() & limits.keys():
@@ -494,7 +529,7 @@ def test_quantities_parse_and_requests_fit_limits(root: str) -> None:
         if "/" in name:  # extended resources (GPUs): whole numbers, requests == limits
             assert requests.get(name, value) == limits[name] and quantity(value) % 1 == 0
     shm = 0
-    for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+    for volume in template["spec"]["volumes"]:
         if "emptyDir" in volume:
             size = quantity(volume["emptyDir"]["sizeLimit"])
             if volume["emptyDir"].get("medium") == "Memory":
@@ -572,6 +607,11 @@ for argv in json.loads(sys.stdin.read()):
                     "served_model_name": engine.served_model_name, "dtype": engine.dtype,
                     "max_model_len": engine.max_model_len,
                     "kv_cache_memory_bytes": engine.kv_cache_memory_bytes,
+                    "tensor_parallel_size": engine.tensor_parallel_size,
+                    "pipeline_parallel_size": engine.pipeline_parallel_size,
+                    "nnodes": engine.nnodes, "node_rank": engine.node_rank,
+                    "master_addr": engine.master_addr,
+                    "headless": bool(getattr(args, "headless", False)),
                     "additional_config": engine.additional_config})
 print(json.dumps(results, default=str))
 """
@@ -608,6 +648,100 @@ def test_vllm_serve_accepts_the_container_args_and_the_config(tmp_path: Path) ->
             assert got["max_model_len"] == int(arg_value(args, "--max-model-len"))
     cpu = results[SERVED.index("overlays/cpu")]
     assert cpu["kv_cache_memory_bytes"] == 2 * 2**30 and cpu["served_model_name"] == ["smollm2"]
+
+
+# --- multi-node: the LeaderWorkerSet ----------------------------------------------------------
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_leaderworkerset_pod_templates_are_valid_strictly(version: str) -> None:
+    """No schema is bundled for the custom resource; its pod templates are core PodTemplateSpecs
+    and are validated as such, and its own fields are the few this file may use."""
+    lws = find(rendered(MULTINODE), "LeaderWorkerSet")
+    assert key(lws) == LWS
+    assert set(lws["spec"]) <= LWS_SPEC_KEYS
+    assert set(lws["spec"]["leaderWorkerTemplate"]) <= LWS_TEMPLATE_KEYS
+    for role, template in lws_templates().items():
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": f"vllm-snapkv-{role}"},
+                                      "template": template}, version, strict=True)
+
+
+def _with_lws_env(args: list[str], index: int) -> list[str]:
+    """The container args as Kubernetes expands them in pod ``index`` of the group."""
+    env = {**LWS_ENV, "LWS_WORKER_INDEX": str(index)}
+    out = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+    assert not any("$(" in a for a in out), out
+    return out
+
+
+def test_leaderworkerset_runs_one_engine_across_the_group() -> None:
+    """Every pod runs `vllm serve` with the same engine and SnapKV flags (each builds the plugin's
+    scheduler and workers from them); the leader serves HTTP, the workers are headless; the
+    group's size is the number of nodes and of pipeline stages."""
+    lws = find(rendered(MULTINODE), "LeaderWorkerSet")
+    t = lws["spec"]["leaderWorkerTemplate"]
+    assert t["size"] >= 2 and t["restartPolicy"] == "RecreateGroupOnPodRestart"
+    leader, worker = (template_container(x) for x in lws_templates().values())
+    assert leader["command"] == worker["command"] == ["vllm", "serve"]
+    assert leader["image"] == worker["image"]
+    la, wa = leader["args"], worker["args"]
+    assert la[:la.index("--host")] == wa[:wa.index("--headless")], "engine flags differ"
+    for args in (la, wa):
+        assert arg_value(args, "--pipeline-parallel-size") == "$(LWS_GROUP_SIZE)"
+        assert arg_value(args, "--nnodes") == "$(LWS_GROUP_SIZE)"
+        assert arg_value(args, "--node-rank") == "$(LWS_WORKER_INDEX)"
+        assert arg_value(args, "--master-addr") == "$(LWS_LEADER_ADDRESS)"
+        assert quantity(leader["resources"]["limits"]["nvidia.com/gpu"]) == \
+            int(arg_value(args, "--tensor-parallel-size"))
+    assert "--port" not in wa and "ports" not in worker and "startupProbe" not in worker
+    (port,) = leader["ports"]
+    assert port["name"] == "http" and port["containerPort"] == int(arg_value(la, "--port"))
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert leader[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+
+
+def test_leader_service_selects_only_the_leader_pods() -> None:
+    svc = find(rendered(MULTINODE), "Service")
+    lws = find(rendered(MULTINODE), "LeaderWorkerSet")
+    # The controller labels every pod of the set with the set's name.
+    pods = {role: {**t["metadata"]["labels"],
+                   "leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"]}
+            for role, t in lws_templates().items()}
+    selector = svc["spec"]["selector"]
+    assert selector.items() <= pods["leader"].items()
+    assert not selector.items() <= pods["worker"].items()
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == 8000 and port["targetPort"] == "http"
+    notes = svc["metadata"]["annotations"]
+    assert (notes["prometheus.io/scrape"], notes["prometheus.io/port"],
+            notes["prometheus.io/path"]) == ("true", "8000", "/metrics")
+
+
+def test_vllm_serve_accepts_the_leader_and_worker_args(tmp_path: Path) -> None:
+    """vLLM's parser with the plugin, on both pods' args as the group expands them: one engine
+    (TP x PP over the nodes), SnapKV on in both, the worker headless with its node rank."""
+    config = tmp_path / "config.yaml"
+    config.write_text(find(rendered(MULTINODE), "ConfigMap", CONFIG_MAP)["data"][CONFIG_KEY])
+    argvs = []
+    for index, template in enumerate(lws_templates().values()):
+        args = _with_lws_env(template_container(template)["args"], index)
+        args[args.index("--config") + 1] = str(config)
+        argvs.append(["serve", *args])
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "VLLM_NO_USAGE_STATS": "1"}
+    out = subprocess.run([sys.executable, "-c", _PARSE], input=json.dumps(argvs), env=env,
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    leader, worker = json.loads(out.stdout.strip().splitlines()[-1])
+    size = int(LWS_ENV["LWS_GROUP_SIZE"])
+    for rank, got in enumerate((leader, worker)):
+        assert got["tensor_parallel_size"] == 8 and got["pipeline_parallel_size"] == size
+        assert (got["nnodes"], got["node_rank"]) == (size, rank)
+        assert got["master_addr"] == LWS_ENV["LWS_LEADER_ADDRESS"]
+        assert got["additional_config"]["kv_compression"] == "snapkv"
+    assert (leader["headless"], worker["headless"]) == (False, True)
+    assert (leader["host"], leader["port"]) == ("0.0.0.0", 8000)
+    assert leader["model"] == worker["model"]
+    assert leader["additional_config"] == worker["additional_config"]
 
 
 # --- the Grafana dashboard ConfigMap ----------------------------------------------------------
