@@ -10,7 +10,7 @@ serve:
 
 test: setup
 	scripts/install-prometheus.sh
-	.venv/bin/python -m pytest tests
+	.venv/bin/python -m pytest --durations=15 tests
 
 # Only the parallelism tests (TP=2, PP=2 and DP=2, threads bound to cores 0 and 1; also part of
 # `make test`).
