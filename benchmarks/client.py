@@ -14,7 +14,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_snapkv.testing import VllmServer
+from vllm_snapkv.testing import VllmServer, sample_values
 
 TIMEOUT_S = 1800
 
@@ -103,23 +103,6 @@ def metrics(server: VllmServer) -> dict[str, float]:
     for family in metric_families(server):
         for sample in family.samples:
             out[sample.name] = out.get(sample.name, 0.0) + sample.value
-    return out
-
-
-def sample_values(text: str, names: tuple[str, ...]) -> dict[str, float]:
-    """``names``' values in a Prometheus text exposition, summed over labels.
-
-    A line scan, not a full parse: the :class:`Watcher` polls every few milliseconds from the
-    benchmark's own process, and a full parse of vLLM's ~100 KB exposition holds the GIL long
-    enough to starve the thread that reads the streamed tokens.
-    """
-    out = {n: 0.0 for n in names}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
     return out
 
 

@@ -6,6 +6,7 @@ installed vLLM (with this plugin loaded through its entry point) and stops it af
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import requests
 
 from vllm_snapkv import models
-from vllm_snapkv.testing import CPU_FLAGS, REPO, VLLM_BIN, VllmServer, free_port  # noqa: F401
+from vllm_snapkv.testing import (  # noqa: F401
+    CPU_FLAGS, REPO, VLLM_BIN, VllmServer, free_port, sample_values)
 
 
 @pytest.fixture(scope="session")
@@ -113,16 +115,24 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 PRESET = REPO / "configs" / "smollm2-cpu-snapkv.yaml"
 
 
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` in a ``/metrics`` text whose labels include
-    ``labels`` (0 when there is none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not (line.startswith(name + "{") or line.startswith(name + " ")):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def metric_sum(text: str, name: str) -> float:
+    """The samples of ``name`` in a ``/metrics`` text, summed over labels (0 when none)."""
+    return sample_values(text, (name,))[name]
+
+
+def stream_summary(server: VllmServer, path: str, body: dict) -> dict | None:
+    """``kv_transfer_params.snapkv`` of the finish_reason chunk of a streamed request (on a
+    fresh connection, so that the kernel spreads requests over several API servers)."""
+    with requests.Session() as session, session.post(
+            f"{server.url}{path}", json={**body, "stream": True}, stream=True,
+            timeout=600) as r:
+        assert r.status_code == 200, r.text
+        chunks = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
+                  if line.startswith("data: {")]
+    finals = [c for c in chunks if any(ch.get("finish_reason") for ch in c["choices"])]
+    assert len(finals) == 1
+    assert not any(c.get("kv_transfer_params") for c in chunks if c is not finals[0])
+    return finals[0].get("kv_transfer_params", {}).get("snapkv")
 
 
 def post_ok(server: VllmServer, path: str, body: dict) -> dict:

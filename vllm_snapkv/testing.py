@@ -1,5 +1,6 @@
 """Start and stop a real ``vllm serve`` (this plugin loaded through its entry point) on a free
-localhost port: the launcher the integration tests and the benchmarks share.
+localhost port: the launcher the integration tests and the benchmarks share, and the line scan
+of its ``/metrics`` they both read.
 
 Nothing here mocks vLLM; it is a subprocess wrapper with a readiness poll and a process-group stop
 (so the API server's engine and worker children go down with it).
@@ -98,3 +99,20 @@ class VllmServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def sample_values(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """``names``' values in a Prometheus text exposition, summed over labels.
+
+    A line scan, not a full parse: the benchmarks' ``Watcher`` polls every few milliseconds from
+    the benchmark's own process, and a full parse of vLLM's ~100 KB exposition holds the GIL long
+    enough to starve the thread that reads the streamed tokens. The tests read it too.
+    """
+    out = {n: 0.0 for n in names}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out

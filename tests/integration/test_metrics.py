@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PRESET, REPO, VllmServer, post_ok
+from conftest import PRESET, REPO, VllmServer, post_ok, stream_summary
 from prometheus import Prometheus, tool
 
 pytestmark = pytest.mark.engine
@@ -255,19 +255,6 @@ def test_promtool_accepts_the_scrape_configs(prom: Prometheus) -> None:
         assert "SUCCESS" in out.stdout + out.stderr
 
 
-def _stream_summary(server: VllmServer, path: str, body: dict) -> dict | None:
-    """``kv_transfer_params.snapkv`` of the finish_reason chunk of a streamed request."""
-    with requests.Session() as session, session.post(
-            f"{server.url}{path}", json={**body, "stream": True}, stream=True,
-            timeout=600) as r:
-        assert r.status_code == 200, r.text
-        chunks = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
-                  if line.startswith("data: {")]
-    finals = [c for c in chunks if any(ch.get("finish_reason") for ch in c["choices"])]
-    assert len(finals) == 1
-    return finals[0].get("kv_transfer_params", {}).get("snapkv")
-
-
 def test_both_api_processes_stream_the_summary(server: VllmServer) -> None:
     """Streamed responses carry the summary whichever API process serves them (each one wraps
     vLLM's stream generators itself). The process that served a request is the one whose
@@ -276,7 +263,7 @@ def test_both_api_processes_stream_the_summary(server: VllmServer) -> None:
     for i in range(12):
         before = _counter_per_process(server, "vllm:request_success_total")
         path, body = (_completion if i % 2 else _chat)(FILLER * 70 + "Stream it.")
-        summary = _stream_summary(server, path, body)
+        summary = stream_summary(server, path, body)
         assert summary is not None and summary["compressed"], summary
         deadline = time.monotonic() + 10
         while True:  # the serving process counts the request as it finishes it

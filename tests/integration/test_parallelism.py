@@ -41,7 +41,7 @@ import shutil
 
 import pytest
 import requests
-from conftest import metric_sum
+from conftest import metric_sum, post_ok, stream_summary
 from engine_probe import run as run_probe
 from prometheus import Prometheus
 
@@ -211,18 +211,11 @@ def _dp_load() -> list[tuple[dict, dict]]:
     return load
 
 
-def _send(url: str, body: dict) -> dict:
-    """A completion on a fresh connection (the kernel spreads them over the API servers); a
-    stream's summary is in its chunk with the finish reason."""
-    with requests.Session() as s:
-        r = s.post(f"{url}/v1/completions", json=body, timeout=600, stream=body["stream"])
-        assert r.status_code == 200, r.text
-        if not body["stream"]:
-            return r.json()["kv_transfer_params"]["snapkv"]
-        chunks = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
-                  if line.startswith("data: {")]
-    (final,) = [c for c in chunks if c.get("kv_transfer_params")]
-    return final["kv_transfer_params"]["snapkv"]
+def _send(server, body: dict) -> dict:
+    """A completion's summary; a stream's is in its chunk with the finish reason."""
+    if body["stream"]:
+        return stream_summary(server, "/v1/completions", body)
+    return post_ok(server, "/v1/completions", body)["kv_transfer_params"]["snapkv"]
 
 
 def test_dp2_serves_a_mixed_load_and_counts_it_per_engine(start_server, tiny_path, monkeypatch,
@@ -234,7 +227,7 @@ def test_dp2_serves_a_mixed_load_and_counts_it_per_engine(start_server, tiny_pat
     try:
         load = _dp_load()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda item: _send(server.url, item[0]), load))
+            got = list(pool.map(lambda item: _send(server, item[0]), load))
         for (body, want), summary in zip(load, got):
             assert {k: summary[k] for k in want} == want, (body.get("vllm_xargs"), summary)
         r = requests.post(f"{server.url}/v1/completions", timeout=60, json={

@@ -617,6 +617,16 @@ print(json.dumps(results, default=str))
 """
 
 
+def parse_serve(argvs: list[list[str]], cwd: Path) -> list[dict[str, Any]]:
+    """What vLLM's own `vllm serve` parser and EngineArgs, with the plugin registered, make of
+    each argv (in a fresh interpreter; no engine starts)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "VLLM_NO_USAGE_STATS": "1"}
+    out = subprocess.run([sys.executable, "-c", _PARSE], input=json.dumps(argvs), env=env,
+                         capture_output=True, text=True, timeout=180, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_vllm_serve_accepts_the_container_args_and_the_config(tmp_path: Path) -> None:
     """No engine starts: vLLM's parser and EngineArgs, with the plugin registered, and nothing
     more. A misspelt key in the ConfigMap or a bad SnapKV value fails here."""
@@ -631,11 +641,7 @@ def test_vllm_serve_accepts_the_container_args_and_the_config(tmp_path: Path) ->
         args[args.index("--config") + 1] = str(local)
         argvs.append(["serve", *args])
         expected.append((root, c["args"], yaml.safe_load(config_text)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "VLLM_NO_USAGE_STATS": "1"}
-    out = subprocess.run([sys.executable, "-c", _PARSE], input=json.dumps(argvs), env=env,
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    results = parse_serve(argvs, tmp_path)
     for (root, args, config), got in zip(expected, results, strict=True):
         assert got["model"] == args[0], root
         assert (got["host"], got["port"]) == ("0.0.0.0", 8000), root
@@ -727,11 +733,7 @@ def test_vllm_serve_accepts_the_leader_and_worker_args(tmp_path: Path) -> None:
         args = _with_lws_env(template_container(template)["args"], index)
         args[args.index("--config") + 1] = str(config)
         argvs.append(["serve", *args])
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "VLLM_NO_USAGE_STATS": "1"}
-    out = subprocess.run([sys.executable, "-c", _PARSE], input=json.dumps(argvs), env=env,
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    leader, worker = json.loads(out.stdout.strip().splitlines()[-1])
+    leader, worker = parse_serve(argvs, tmp_path)
     size = int(LWS_ENV["LWS_GROUP_SIZE"])
     for rank, got in enumerate((leader, worker)):
         assert got["tensor_parallel_size"] == 8 and got["pipeline_parallel_size"] == size
