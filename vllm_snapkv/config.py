@@ -15,7 +15,10 @@ Per-request control travels in ``SamplingParams.extra_args`` (the OpenAI API's `
   the prompt;
 * ``"snapkv_decode_budget": 512`` / ``"snapkv_prefill_budget": 4096`` — compaction during decode
   / while the prompt is read, for this request (``0`` turns that phase off for it);
-  ``"snapkv_prefill_method": "keydiff"`` — the method of the compactions while it is read.
+  ``"snapkv_prefill_method": "keydiff"`` — the method of the compactions while it is read;
+* ``"snapkv_compact_at": -40`` — the prompt compaction runs before the prompt's last 40 tokens
+  (a positive value: once that many prompt tokens are read) instead of at its end, so the part
+  after it (the question) is neither ranked nor evicted: the question-less regime.
 
 Anything else under a ``snapkv_`` prefix, or a bad value, is refused by
 :meth:`CompressionConfig.request_settings` with a :class:`~vllm_snapkv.settings.SettingsError` that
@@ -36,6 +39,7 @@ from vllm_snapkv.settings import (
     DEFAULT_PREFILL_INTERVAL,
     SettingsError,
     SnapKVSettings,
+    compaction_point,
 )
 
 #: Key of ``additional_config`` holding the method (``none`` or a registered method name).
@@ -56,6 +60,7 @@ REQUEST_KEYS: dict[str, str] = {
     "snapkv_decode_budget": "decode_budget",
     "snapkv_prefill_budget": "prefill_budget",
     "snapkv_prefill_method": "prefill_method",
+    "snapkv_compact_at": "compact_at",
 }
 #: Per-request keys whose value 0 turns the phase off for the request.
 REQUEST_OFF_BY_ZERO = ("snapkv_decode_budget", "snapkv_prefill_budget")
@@ -212,20 +217,27 @@ class CompressionConfig:
                      extra_args: Mapping[str, Any] | None) -> RequestPlan | None:
         """The request's settings and compactions, or ``None`` when it never compacts.
 
-        The prompt compacts at its end when it is at least ``min_prompt`` long and longer than
-        its kept count (and that frees a block); while it is read when ``prefill_budget`` is
-        set (same ``min_prompt`` rule); during decode when ``decode_budget`` is set.
+        The prompt compacts at its end (or at ``compact_at``) when it is at least ``min_prompt``
+        long and the part before that point is longer than its kept count (and that frees a
+        block); while it is read when ``prefill_budget`` is set (same ``min_prompt`` rule);
+        during decode when ``decode_budget`` is set. Raises :class:`SettingsError` for a
+        ``compact_at`` outside this prompt.
         """
         settings = self.request_settings(extra_args)
         if settings is None:
             return None
+        try:
+            point = compaction_point(settings.compact_at, prompt_len)
+        except SettingsError as err:
+            raise SettingsError(_REQUEST_KEY_OF["compact_at"], err.value, err.allowed) from None
         long_enough = prompt_len >= self.min_prompt
-        target = kept_count(prompt_len, settings) if long_enough else prompt_len
+        target = kept_count(point, settings) if long_enough else point
         schedule = Schedule(
             prompt_len=prompt_len,
             block_size=block_size,
             method=settings.method,
-            prompt_target=target if target < prompt_len else None,
+            prompt_target=target if target < point else None,
+            prompt_at=point,
             prefill_budget=settings.prefill_budget if long_enough else None,
             prefill_interval=_interval(settings.prefill_interval, DEFAULT_PREFILL_INTERVAL,
                                        block_size),

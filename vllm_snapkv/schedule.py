@@ -21,7 +21,11 @@ A request's :class:`Schedule` lists its compactions, in three phases:
   held whole.
 * **prompt** (``budget``/``ratio``): at the prompt's end ``N``, keep the target
   ``t = kept_count(N)``: ``E = floor((N - t) / bs) * bs`` — the placement the plugin started
-  with. Left out when it would free no block.
+  with. Left out when it would free no block. With ``prompt_at = a < N`` (the request's
+  ``compact_at``) it runs at ``a`` instead, on the context before the question:
+  ``E = floor((a - t) / bs) * bs`` with ``t = kept_count(a)``; the prompt's last ``N - a``
+  tokens are then read on top of the kept ones and never evicted by it, and the prefill phase
+  stops before ``a``.
 * **decode** (``decode_budget`` B, ``decode_interval`` S, a multiple of the block size): whenever
   the attended KV reaches ``B + S`` tokens during generation, keep ``B`` (the first one, if the
   prompt is still larger than that after its own compaction, right after the first generated
@@ -94,8 +98,9 @@ class Schedule:
         prompt_len: N.
         block_size: tokens per KV block.
         method: the request's method (prompt and decode compactions).
-        prompt_target: tokens per KV head kept at the prompt's end (``None``: no prompt
-            compaction).
+        prompt_target: tokens per KV head kept by the prompt compaction (``None``: none).
+        prompt_at: where the prompt compaction runs (``None``: the prompt's end ``N``; else
+            ``1 <= prompt_at <= N``).
         prefill_budget / prefill_interval / prefill_method: the prefill phase (``None`` budget:
             off).
         decode_budget / decode_interval: the decode phase (``None`` budget: off).
@@ -105,6 +110,7 @@ class Schedule:
     block_size: int
     method: str
     prompt_target: int | None = None
+    prompt_at: int | None = None
     prefill_budget: int | None = None
     prefill_interval: int = 0
     prefill_method: str = ""
@@ -123,18 +129,21 @@ class Schedule:
             if budget is not None and (value < bs or value % bs):
                 raise ValueError(f"{name}={value} must be a positive multiple of the block "
                                  f"size ({bs})")
+        point = n if self.prompt_at is None else self.prompt_at
+        if self.prompt_at is not None and not 1 <= point <= n:
+            raise ValueError(f"prompt_at={self.prompt_at} must be in [1, {n}]")
         events: list[Compaction] = []
         evicted = 0
         if self.prefill_budget is not None:
             p, c = self.prefill_budget, self.prefill_interval
-            for k in range(1, max(0, (n - 1 - p) // c) + 1):
+            for k in range(1, max(0, (point - 1 - p) // c) + 1):
                 events.append(Compaction(p + k * c, evicted, k * c, "prefill",
                                          self.prefill_method or self.method))
                 evicted = k * c
-        if self.prompt_target is not None and self.prompt_target < n:
-            e = (n - self.prompt_target) // bs * bs
+        if self.prompt_target is not None and self.prompt_target < point:
+            e = (point - self.prompt_target) // bs * bs
             if e > evicted:
-                events.append(Compaction(n, evicted, e, "prompt", self.method))
+                events.append(Compaction(point, evicted, e, "prompt", self.method))
                 evicted = e
         if self.decode_budget is not None:
             b, s = self.decode_budget, self.decode_interval
@@ -158,7 +167,7 @@ class Schedule:
 
     @property
     def prompt_compaction(self) -> Compaction | None:
-        """The compaction at the prompt's end, if any."""
+        """The prompt compaction (at the prompt's end or at ``prompt_at``), if any."""
         for c in self._finite:
             if c.phase == "prompt":
                 return c

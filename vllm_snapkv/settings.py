@@ -60,6 +60,7 @@ __all__ = [
     "REDUCTIONS",
     "SettingsError",
     "SnapKVSettings",
+    "compaction_point",
     "kvpress_preset",
 ]
 
@@ -149,6 +150,13 @@ class SnapKVSettings:
         prefill_method: the method of the compactions made while the prompt is read; ``None``:
             :data:`DEFAULT_PREFILL_METHOD` (query-agnostic, since the question at the end of the
             prompt has not been read yet).
+        compact_at: where in the prompt the prompt compaction runs, instead of the prompt's end:
+            ``p > 0`` once ``p`` prompt tokens are read (``p >= N``: the end), ``-k`` before the
+            last ``k`` (``N - k``, which must be >= 1: :func:`compaction_point`). The tokens after
+            it (typically the question) are read on top of the kept ones and kept whole; the
+            budget or ratio applies to the part before it. ``None``: the prompt's end. This is
+            the question-less regime: a context compressed before the question is read, as every
+            chunk compacted while a long prompt is read is, and as kvpress's pipeline does.
     """
 
     budget: int | None = None
@@ -165,6 +173,7 @@ class SnapKVSettings:
     prefill_budget: int | None = None
     prefill_interval: int | None = None
     prefill_method: str | None = None
+    compact_at: int | None = None
 
     #: Extra key accepted by :meth:`from_dict` to start from a named preset.
     PRESET_KEY: ClassVar[str] = "preset"
@@ -205,6 +214,11 @@ class SnapKVSettings:
             raise SettingsError("prefill_method", self.prefill_method,
                                 f"must be one of {_choices(methods)}")
 
+        if self.compact_at is not None and (not _is_int(self.compact_at) or self.compact_at == 0):
+            raise SettingsError("compact_at", self.compact_at,
+                                "must be a non-zero integer (a prompt position p > 0, or -k: "
+                                "before the prompt's last k tokens)")
+
         if self.budget is None and self.ratio is None:
             raise SettingsError(
                 "budget", None, "exactly one of budget or ratio must be set (got neither)"
@@ -234,7 +248,7 @@ class SnapKVSettings:
                                     f"must be an integer >= budget ({self.budget})")
         # Normalise integer-like types (e.g. numpy ints) so equality/hash/JSON behave.
         for name in ("window", "kernel", "sink", "decode_budget", "decode_interval",
-                     "prefill_budget", "prefill_interval"):
+                     "prefill_budget", "prefill_interval", "compact_at"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, int(value))
@@ -321,6 +335,23 @@ class SnapKVSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-serialisable); ``from_dict(s.to_dict()) == s``."""
         return dataclasses.asdict(self)
+
+
+def compaction_point(compact_at: int | None, prompt_len: int) -> int:
+    """The prompt position at which the prompt compaction runs: the prompt's end ``N`` unless
+    ``compact_at`` says otherwise (``p > 0``: ``min(p, N)``; ``-k``: ``N - k``).
+
+    Raises :class:`SettingsError` (``compact_at``) when ``-k`` lies before the prompt's start, so
+    the API server can refuse the request naming the allowed range for its prompt length.
+    """
+    if compact_at is None:
+        return prompt_len
+    point = min(compact_at, prompt_len) if compact_at > 0 else prompt_len + compact_at
+    if point < 1:
+        raise SettingsError("compact_at", compact_at,
+                            f"must be >= 1 or in [-{prompt_len - 1}, -1] for this "
+                            f"{prompt_len}-token prompt")
+    return point
 
 
 def _method_names() -> tuple[str, ...]:

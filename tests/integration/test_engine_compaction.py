@@ -304,3 +304,50 @@ def test_smollm2_answers_with_compression(smollm2_path):
         assert n > 1500
         _assert_exact_over_kept(rep, out.request_id, 30, n)
         assert str(code) in out.outputs[0].text, out.outputs[0].text
+
+
+def test_smollm2_compact_at_ranks_the_context_before_the_question(smollm2_path):
+    """``vllm_xargs.snapkv_compact_at`` (the question-less regime): the prompt compaction runs
+    before the question, so what is kept is what the textbook formula keeps on the context
+    alone — HF's queries of the context's last 32 positions and keys of the context, float64 —
+    the question's tokens are all kept after it, and attention over the result stays exact."""
+    from transformers import AutoTokenizer
+
+    from hf_reference import prefill_qk
+    from snapkv_reference import reference_keep
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    context = tok(FILLER * 70 + "Remember this: the secret number is 48213. " + FILLER * 2)
+    question = tok("\nQuestion: What is the secret number?\nAnswer: The secret number is",
+                   add_special_tokens=False)["input_ids"]
+    ids = context["input_ids"] + question
+    n, a, budget = len(ids), len(context["input_ids"]), 512
+    kwargs = _engine_kwargs(smollm2_path, enforce_eager=True, worker_cls=WORKER,
+                            additional_config={"kv_compression": "snapkv", "snapkv": {
+                                "budget": budget, "window": WINDOW, "kernel": KERNEL}})
+    kwargs["kv_cache_memory_bytes"] = 1 << 29
+    with _llm(**kwargs) as llm:
+        llm.collective_rpc("snapkv_set_debug", args=(True,))
+        outs, rids = _gen(llm, [ids], _sp(max_tokens=8, snapkv_compact_at=-len(question)))
+        (kept,) = llm.collective_rpc("snapkv_kept", args=(rids[0],))
+        rep = _report(llm)
+    evicted = (a - budget) // BLOCK * BLOCK
+    comp = _find(rep["compactions"], rids[0])
+    assert comp["evicted"] == evicted and comp["kept"] == a - evicted
+    dbg = rep["debug"]
+    assert _find(dbg["slot_err"], rids[0]) == 0.0
+    err, ref = _find(dbg["max_err"], rids[0]), _find(dbg["max_ref"], rids[0])
+    assert err <= ATOL * max(1.0, ref), (err, ref)
+    reference = prefill_qk(smollm2_path, ids[:a], WINDOW)
+    same = total = 0
+    for i, (q, k) in enumerate(reference):
+        ref_keep, _ = reference_keep(q, k, budget=a - evicted, window=WINDOW, kernel=KERNEL,
+                                     pooling="avg", reduction="sum", gqa_aggregation="mean",
+                                     sink=0)
+        for h, row in enumerate(kept[f"model.layers.{i}.self_attn.attn"]):
+            assert len(row) == a - evicted and max(row) < a  # ranked: the context only
+            same += set(row) == set(ref_keep[h])
+            total += 1
+    print(f"\n[snapkv] compact_at: kept sets vs HF reference on the context: {same}/{total}")
+    assert same >= 0.97 * total
+    assert "48213" in tok.decode(outs[0])

@@ -111,6 +111,9 @@ def test_request_chooses_the_method() -> None:
     ({"snapkv_decode_budget": 16}, "snapkv_decode_budget", "> window (32)"),
     ({"snapkv_decode_budget": 1.5}, "snapkv_decode_budget", "integer"),
     ({"snapkv_prefill_budget": 512}, "snapkv_prefill_budget", ">= budget (1024)"),
+    ({"snapkv_compact_at": 0}, "snapkv_compact_at", "non-zero integer"),
+    ({"snapkv_compact_at": 1.5}, "snapkv_compact_at", "non-zero integer"),
+    ({"snapkv_compact_at": True}, "snapkv_compact_at", "non-zero integer"),
 ])
 def test_bad_request_settings_name_the_field(extra, setting, fragment) -> None:
     with pytest.raises(SettingsError) as err:
@@ -143,3 +146,20 @@ def test_intervals_must_be_whole_blocks() -> None:
         cfg.check_block_size(128)
     assert err.value.setting == "decode_interval" and "multiple of the KV block size (128)" \
         in str(err.value)
+
+
+def test_compact_at_moves_the_prompt_compaction() -> None:
+    cfg = _cfg(ratio=0.25)
+    # -48: before the last 48 of 2048 tokens, at 2000: kept_count(2000) = int(2000 * 0.25) = 500,
+    # E = floor((2000 - 500) / 128) * 128 = 1408; a positive value counts from the start, and one
+    # past the prompt means its end.
+    for extra, at, evicted in (({"snapkv_compact_at": -48}, 2000, 1408),
+                               ({"snapkv_compact_at": 2000}, 2000, 1408),
+                               ({"snapkv_compact_at": 9999}, 2048, 1536),
+                               (None, 2048, 1536)):
+        c = cfg.schedule(2048, 128, extra).prompt_compaction
+        assert (c.at, c.evicted) == (at, evicted), extra
+    with pytest.raises(SettingsError) as err:
+        cfg.schedule(2048, 128, {"snapkv_compact_at": -2048})
+    assert err.value.setting == "snapkv_compact_at"
+    assert "[-2047, -1] for this 2048-token prompt" in str(err.value)

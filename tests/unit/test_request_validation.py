@@ -33,6 +33,12 @@ def test_bad_vllm_xargs_name_the_field() -> None:
         check_request(_cfg(), 100, _sp(kv_compression="h2o"), 128, None)
     check_request(_cfg(), 100, _sp(kv_compression="keydiff"), 128, None)
     check_request(_cfg(), 100, None, 128, None)  # pooling request: nothing to check
+    # A compaction point before the prompt's start names the range for this prompt.
+    with pytest.raises(VLLMValidationError) as err:
+        check_request(_cfg(), 100, _sp(snapkv_compact_at=-100), 128, None)
+    assert err.value.parameter == "vllm_xargs.snapkv_compact_at"
+    assert "must be >= 1 or in [-99, -1] for this 100-token prompt" in str(err.value)
+    check_request(_cfg(), 100, _sp(snapkv_compact_at=-99), 128, None)
 
 
 def test_capacity_is_checked_only_when_prompts_are_compacted_while_read() -> None:

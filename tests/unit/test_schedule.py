@@ -1,9 +1,10 @@
 """The compaction schedule against a token-by-token reference simulation.
 
 The reference below shares no code with ``vllm_snapkv.schedule``: it walks the request one
-processed token at a time and applies the documented rules literally — while the prompt is read,
-compact to ``P`` once ``P + C`` are attended; at the prompt's end, evict
-``floor((N - target) / bs) * bs`` if that frees a block; during decode, compact to ``B`` once
+processed token at a time and applies the documented rules literally — while the prompt is read
+(before the compaction point ``a``: the prompt's end ``N`` or the request's ``compact_at``),
+compact to ``P`` once ``P + C`` are attended; at ``a``, evict ``floor((a - target) / bs) * bs``
+if that frees a block; during decode, compact to ``B`` once
 ``B + S`` are attended — always rounding the eviction down to whole blocks.
 """
 
@@ -16,15 +17,16 @@ import pytest
 from vllm_snapkv.schedule import Schedule, round_to_blocks
 
 
-def reference(n, bs, target, p, c, b, s, upto):
+def reference(n, bs, target, p, c, b, s, upto, a=None):
     """[(at, prior, evicted, phase)] of a request processing ``upto`` tokens."""
     out, e = [], 0
+    a = n if a is None else a
     for t in range(1, upto + 1):
         new, phase = e, None
-        if t < n and p is not None and t - e >= p + c:
+        if t < a and p is not None and t - e >= p + c:
             new, phase = (t - p) // bs * bs, "prefill"
-        elif t == n and target is not None and target < n:
-            cand = (n - target) // bs * bs
+        elif t == a and target is not None and target < a:
+            cand = (a - target) // bs * bs
             if cand > e:
                 new, phase = cand, "prompt"
         elif t > n and b is not None and t - e >= b + s:
@@ -47,22 +49,23 @@ def random_case(rng: random.Random):
     if rng.random() < 0.6:
         b = rng.randint(40, 2000)
         s = bs * rng.randint(1, 8)
-    return bs, n, target, p, c, b, s
+    a = rng.choice([None, rng.randint(1, n)])
+    return bs, n, target, p, c, b, s, a
 
 
-def make(bs, n, target, p, c, b, s) -> Schedule:
+def make(bs, n, target, p, c, b, s, a=None) -> Schedule:
     return Schedule(prompt_len=n, block_size=bs, method="snapkv", prompt_target=target,
                     prefill_budget=p, prefill_interval=c or 0, prefill_method="keydiff",
-                    decode_budget=b, decode_interval=s or 0)
+                    decode_budget=b, decode_interval=s or 0, prompt_at=a)
 
 
 @pytest.mark.parametrize("seed", range(300))
 def test_schedule_matches_the_token_by_token_reference(seed: int) -> None:
     rng = random.Random(seed)
-    bs, n, target, p, c, b, s = random_case(rng)
-    sched = make(bs, n, target, p, c, b, s)
+    bs, n, target, p, c, b, s, a = random_case(rng)
+    sched = make(bs, n, target, p, c, b, s, a)
     upto = n + rng.randint(0, 4000)
-    ref = reference(n, bs, target, p, c, b, s, upto)
+    ref = reference(n, bs, target, p, c, b, s, upto, a)
     got = [(x.at, x.prior, x.evicted, x.phase) for x in sched.compactions(upto)]
     assert got == ref
     # Every lookup agrees with the list.
@@ -125,3 +128,16 @@ def test_no_phase_no_schedule_and_bad_intervals() -> None:
         make(16, 5000, None, None, None, 500, 100)
     assert round_to_blocks(256, 128) == 256 and round_to_blocks(100, 128) == 128
     assert round_to_blocks(256, 48) == 288
+
+
+def test_compaction_before_the_question_leaves_the_question_whole() -> None:
+    # 2048-token prompt whose last 48 tokens are the question; compact the context (2000 tokens)
+    # to 500 before it is read: E = floor(1500 / 32) * 32 = 1472, kept 528 of the context.
+    sched = make(32, 2048, 500, None, None, None, None, a=2000)
+    (c,) = sched.compactions(2048)
+    assert (c.at, c.prior, c.evicted, c.phase) == (2000, 0, 1472, "prompt")
+    # The question's 48 tokens come after it: attention then reads 528 + 48 slots.
+    assert sched.evicted_at(2048) == 1472 and 2048 - sched.evicted_at(2048) == 576
+    assert sched.cache_limit == 1472
+    with pytest.raises(ValueError, match="prompt_at"):
+        make(32, 2048, 500, None, None, None, None, a=2049)
