@@ -308,12 +308,11 @@ def _check_one_prefill_per_budget(model, ids, fan, answers: dict[str, list[int]]
     return {"case": case_id, "length": n, "budgets": sorted(fan.presses), "identical": True}
 
 
-def run(spec: dict, log: Callable[[str], None] = print) -> dict:
-    """Run ``spec`` (see the module docstring) in this (kvpress) Python; return the report."""
+def load_model(spec: dict) -> tuple[Any, Any, set[int], str]:
+    """The spec's model (HF, fp32, SDPA, CPU; ``threads`` applied), its tokenizer, its EOS ids
+    and its path, with gradients off."""
     import torch
     import transformers
-    from importlib.metadata import version
-    from kvpress import SnapKVPress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_grad_enabled(False)
@@ -326,6 +325,16 @@ def run(spec: dict, log: Callable[[str], None] = print) -> dict:
     tok = AutoTokenizer.from_pretrained(model_path)
     eos_cfg = model.generation_config.eos_token_id
     eos = set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]) - {None}
+    return model, tok, eos, model_path
+
+
+def run(spec: dict, log: Callable[[str], None] = print) -> dict:
+    """Run ``spec`` (see the module docstring) in this (kvpress) Python; return the report."""
+    import torch
+    from importlib.metadata import version
+    from kvpress import SnapKVPress
+
+    model, tok, eos, model_path = load_model(spec)
     budgets = sorted(int(b) for b in spec["budgets"])
     max_new = int(spec.get("max_new_tokens", 10))
     record = set(spec.get("record_kept", []))
@@ -404,16 +413,17 @@ def run(spec: dict, log: Callable[[str], None] = print) -> dict:
                 prefill_s=prefill, kept=kept_out)
 
 
-def run_subprocess(spec: dict, out: Path, spec_path: Path | None = None) -> dict:
+def run_subprocess(spec: dict, out: Path, spec_path: Path | None = None,
+                   module: str = "benchmarks.kvpress_runner") -> dict:
     """From any Python (e.g. the main venv): run ``spec`` in kvpress's venv (``python -m
-    benchmarks.kvpress_runner`` from the repository root), write ``out``, and return the report.
-    The spec is written to ``spec_path`` (default ``<out stem>.spec.json`` next to ``out``)."""
+    <module>`` from the repository root), write ``out``, and return the report. The spec is
+    written to ``spec_path`` (default ``<out stem>.spec.json`` next to ``out``)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     spec_path = Path(spec_path or out.with_name(out.stem + ".spec.json")).resolve()
     spec_path.write_text(json.dumps(spec))
-    subprocess.run([str(kvpress_python()), "-m", "benchmarks.kvpress_runner", "--spec",
-                    str(spec_path), "--out", str(out)], env=kvpress_env(), cwd=REPO, check=True)
+    subprocess.run([str(kvpress_python()), "-m", module, "--spec", str(spec_path), "--out",
+                    str(out)], env=kvpress_env(), cwd=REPO, check=True)
     return json.loads(out.read_text())
 
 

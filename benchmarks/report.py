@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import phases, schema  # noqa: E402
+from benchmarks import accuracy, phases, schema  # noqa: E402
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -35,7 +35,7 @@ def _verdict(ok: bool | None) -> str:
 def accuracy_series(results: dict) -> dict[str, dict[str, dict[int, float]]]:
     """``{length: {peer: {budget: accuracy %}}}`` for ours, recency, kvpress; ``full`` at key 0."""
     out: dict[str, dict[str, dict[int, float]]] = {}
-    table = results.get("accuracy", {}).get("table", {})
+    table = results.get("needle", {}).get("table", {})
     for n, cols in table.items():
         peers: dict[str, dict[int, float]] = {"snapkv": {}, "recency": {}, "full": {}}
         for col, cell in cols.items():
@@ -130,6 +130,8 @@ def summary(results: dict) -> str:
     lines += _blocks_md(results) + _capacity_md(results) + _throughput_md(results)
     lines += _overhead_md(results) + _selection_md(results) + _accuracy_md(results)
     lines += phases.render(results)
+    if "accuracy" in results:
+        lines += accuracy.summary_md(results["accuracy"], results["profile"]["ruler"])
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +276,7 @@ def _accuracy_md(results: dict) -> list[str]:
     if not series:
         return []
     budgets = results["profile"]["budgets"]
-    cells = {n: c for n, c in results["accuracy"]["table"].items()}
+    cells = {n: c for n, c in results["needle"]["table"].items()}
     out = ["## Needle accuracy (SmolLM2)", "",
            f"Filler `{results['profile']['filler']}`, prompts per cell: see n. Same token ids "
            "for every peer.", "",
@@ -334,6 +336,9 @@ def write(results: dict, out: Path) -> None:
     plot_accuracy(results, out / "accuracy_vs_budget.png")
     plot_pressure(results, out / "throughput_capacity.png")
     plot_ttft(results, out / "ttft_vs_prompt.png")
+    if "accuracy" in results:
+        accuracy.plot(results["accuracy"], results["profile"]["ruler"],
+                      out / "ruler_accuracy_vs_compression.png")
     (out / "summary.md").write_text(summary(results))
 
 

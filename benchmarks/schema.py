@@ -231,6 +231,7 @@ PROFILE = Obj({
     **{k: ListOf(INT) for k in ("copy_lengths", "prefill_lengths", "prefill_compressions",
                                 "prefill_ttft_lengths")},
     "prefill_methods": ListOf(STR),
+    "ruler": DICT,  # benchmarks.accuracy.RulerProfile
 }, doc="the run's sizes (suite.Profile)")
 
 MACHINE = Obj({
@@ -387,13 +388,23 @@ AGREEMENT = Obj({
 KVPRESS = Obj({"kvpress": KVPRESS_RUN, "agreement": AGREEMENT},
               doc="kvpress on the same needle prompts, and kept-set agreement")
 
+#: The RULER-style accuracy section (benchmarks.accuracy): its rows, tables and kvpress's rows.
+RULER = Obj({
+    "rows": ListOf(Obj({"id": STR, "task": STR, "length": INT, "regime": STR, "column": STR,
+                        "correct": BOOL, "text": STR, "kept": nullable(INT)})),
+    "included": Map(ListOf(STR), keys=INT_KEY, doc="length: tasks in the macro average"),
+    "tasks": STR, "kvpress": DICT, "engine_s": FLOAT, "wall_s": FLOAT,
+    "per_task": DICT, "macro": DICT, "macro_by_length": DICT, "agreement": DICT,
+}, doc="RULER-style accuracy, both regimes, every method and ratio, kvpress agreement")
+
 #: Top-level data blocks: key in ``results.json`` -> its structure.
 BLOCKS: dict[str, Spec] = {
     "selection": SELECTION,
     "pressure": PRESSURE,
     "overhead": OVERHEAD,
     "blocks": BLOCKS_SECTION,
-    "accuracy": ACCURACY,
+    "needle": ACCURACY,
+    "accuracy": RULER,
     "server_selection": SERVER_SELECTION,
     "kvpress": KVPRESS,
     # benchmarks.phases writes these (their tables are rendered from what it wrote).
@@ -423,8 +434,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
             (("overhead",), ("server_selection",))),
     Section("blocks", "KV blocks held per request vs the block arithmetic, SmolLM2",
             (("blocks",), ("server_selection",))),
-    Section("accuracy", "needle accuracy: full, SnapKV, recency, kvpress; kept-set agreement",
-            (("accuracy",), ("kvpress",), ("server_selection",))),
+    Section("needle", "needle accuracy: full, SnapKV, recency, kvpress; kept-set agreement",
+            (("needle",), ("kvpress",), ("server_selection",))),
+    Section("accuracy", "RULER-style tasks, both regimes, every method at 2x/4x/8x, kvpress",
+            (("accuracy",),)),
     Section("selection", "selection cost vs one layer's prefill (bench_selection.py)",
             (("selection",),)),
     Section("capacity", "concurrent requests without preemption on a fixed pool, tiny model",

@@ -14,7 +14,11 @@ What runs (sections; ``--only`` picks some):
 * ``blocks`` — KV blocks a request holds after prefill, read from each server's own
   ``vllm:kv_cache_usage_perc`` × pool size while the request decodes, against the block
   arithmetic of the prompt compaction ``ceil((N - E) / bs)`` (+1 block for the decode tokens).
-* ``accuracy`` — the needle task (``benchmarks.needle``): full cache (per-request opt-out), SnapKV
+* ``accuracy`` — RULER-style tasks (``benchmarks.accuracy``, ``benchmarks.ruler``): every
+  registered method at 2x/4x/8x with the question in the observation window and without it
+  (``vllm_xargs.snapkv_compact_at``), the full cache, 95 % Wilson intervals, and kvpress on the
+  same prompts (``benchmarks.kvpress_ruler``).
+* ``needle`` — the needle task (``benchmarks.needle``): full cache (per-request opt-out), SnapKV
   and the recency baseline at every budget, all on the SnapKV server with 32-token blocks, so every
   budget is kept exactly. kvpress runs the same token ids in its own venv
   (``benchmarks.kvpress_runner``) and ``benchmarks.agreement`` compares kept sets of our kvpress
@@ -57,7 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import REPO, client, kvpress_runner, needle, phases, report, schema
+from benchmarks import REPO, accuracy, client, kvpress_runner, needle, phases, report, schema
+from benchmarks.accuracy import RulerProfile
 from vllm_snapkv import compat, models
 from vllm_snapkv.schedule import Schedule
 from vllm_snapkv.testing import VllmServer
@@ -114,6 +119,8 @@ class Profile:
     prefill_compressions: tuple[int, ...] = (4, 8)
     prefill_interval_tiny: int = 256
     prefill_ttft_lengths: tuple[int, ...] = (2048, 4096)
+    # accuracy section (benchmarks.accuracy)
+    ruler: RulerProfile = dataclasses.field(default_factory=RulerProfile)
 
 
 FULL = Profile()
@@ -127,7 +134,11 @@ SMOKE = Profile(lengths=(512,), per_cell=2, budgets=(64, 128), accuracy_concurre
                 prefill_pool_blocks=9, prefill_budget=512, prefill_interval=256,
                 prefill_final_budget=256, prefill_budget_large=640,
                 prefill_methods=("keydiff", "snapkv"), prefill_compressions=(4,),
-                prefill_interval_tiny=256, prefill_ttft_lengths=(512,))
+                prefill_interval_tiny=256, prefill_ttft_lengths=(512,),
+                ruler=RulerProfile(lengths=(1024,), per_task=1, ratios=(4,), methods=("snapkv",),
+                                   min_full=0.0, kvpress_length=1024, kvpress_per_task=1,
+                                   kvpress_tasks=("niah_single_1", "vt_easy"), concurrency=4,
+                                   pool_blocks=600))
 
 SERVED = "smollm2"
 
@@ -543,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(smol)
     cases = needle.build_cases(tok, list(p.lengths), p.per_cell, seed=0, filler=p.filler)
-    if sections & {"overhead", "blocks", "accuracy"}:
+    if sections & {"overhead", "blocks", "needle"}:
         with servers(out, [("smollm2-vanilla", smol, smol_flags(p, "none")),
                            ("smollm2-snapkv", smol, smol_flags(p, "snapkv"))]) as (van, snap):
             if "overhead" in sections:
@@ -552,12 +563,15 @@ def main(argv: list[str] | None = None) -> int:
             if "blocks" in sections:
                 results["blocks"] = bench_blocks(p, van, snap)
                 save(results, out)
-            if "accuracy" in sections:
-                results["accuracy"] = bench_accuracy(p, snap, cases)
+            if "needle" in sections:
+                results["needle"] = bench_accuracy(p, snap, cases)
                 save(results, out)
             results["server_selection"] = server_selection(client.metrics(snap))
-    if "accuracy" in sections:
+    if "needle" in sections:
         results["kvpress"] = bench_kvpress(p, cases, out)
+    if "accuracy" in sections:
+        results["accuracy"] = accuracy.run(p.ruler, out, servers, log, smoke=args.smoke)
+        save(results, out)
     if "decode" in sections:
         results["decode"] = phases.bench_decode(p, out, servers, random_prompts, tok)
         save(results, out)

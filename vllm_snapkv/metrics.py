@@ -92,7 +92,10 @@ def request_summary(prompt_len: int, schedule: Schedule | None, progress: int,
     evicted = schedule.evicted_at(progress) if schedule is not None else 0
     done = schedule.compactions_done(progress) if schedule is not None else 0
     kept = prompt_len
-    if schedule is not None and progress >= prompt_len:
+    # the prompt phase's last compaction (at the prompt's end, or before its question with
+    # compact_at) has run: what the prompt keeps is known
+    prompt_phase = list(schedule.compactions(prompt_len)) if schedule is not None else []
+    if prompt_phase and progress >= prompt_phase[-1].at:
         kept = prompt_len - schedule.evicted_at(prompt_len)
     bs = schedule.block_size if schedule is not None else 1
     total = max(processed, progress)

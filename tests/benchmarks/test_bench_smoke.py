@@ -91,7 +91,7 @@ def test_pressure_sections_measured_every_config(smoke) -> None:
 def test_every_peer_answered_every_cell(smoke) -> None:
     results = smoke[0]
     budgets, lengths = results["profile"]["budgets"], results["profile"]["lengths"]
-    table = results["accuracy"]["table"]
+    table = results["needle"]["table"]
     for n in lengths:
         cols = set(table[str(n)])
         assert {"full"} | {f"{m}@{b}" for m in ("snapkv", "recency") for b in budgets} <= cols
@@ -152,3 +152,43 @@ def test_decode_and_prefill_sections(smoke) -> None:
     assert cap["4x+prefill"]["peak_blocks"] < cap["4x"]["peak_blocks"]
     summary = (out / "summary.md").read_text()
     assert "Compaction during decode" in summary and "Compaction while a prompt is read" in summary
+
+
+def test_ruler_accuracy_ran_every_task_in_both_regimes(smoke, smollm2_path) -> None:
+    """The accuracy section's pipeline at toy size: every task, the full cache and one method in
+    both regimes, and the per-request compaction point really moved the compaction — the kept
+    counts the engine reports equal the arithmetic at the context's end (context regime) and at
+    the prompt's end (question regime), computed here from the prompts themselves."""
+    from transformers import AutoTokenizer
+
+    from benchmarks import ruler, suite
+
+    results, out = smoke
+    p = suite.SMOKE.ruler
+    acc = results["accuracy"]
+    cases = {c.id: c for c in ruler.build_cases(AutoTokenizer.from_pretrained(str(smollm2_path)),
+                                                 list(p.tasks), list(p.lengths), p.per_task,
+                                                 seed=p.seed, chat=p.chat)}
+    rows = acc["rows"]
+    for regime in ("question", "context"):
+        got = sorted((r["id"], r["column"]) for r in rows if r["regime"] == regime)
+        assert got == sorted((i, c) for i in cases for c in ("full", "snapkv@4x"))
+    for r in rows:
+        n = r["length"]
+        if r["column"] == "full":
+            assert r["kept"] is None or r["kept"] == n
+            continue
+        point = cases[r["id"]].context_len if r["regime"] == "context" else n
+        evicted = (point - int(point * 0.25)) // p.block_size * p.block_size
+        assert r["kept"] == n - evicted, r
+    # the macro cell pools every included task's prompts
+    assert acc["macro"]["question"]["full"]["total"] == len(cases)
+    kv = acc["kvpress"]["rows"]
+    assert {(r["regime"], r["column"]) for r in kv} == {
+        (g, c) for g in ("question", "context")
+        for c in ["full", *(f"{name}@4x" for name in
+                            ("snapkv", "keydiff", "knorm", "recency", "keydiff+window",
+                             "knorm+window"))]}
+    assert {r["task"] for r in kv} == set(p.kvpress_tasks)
+    assert "Accuracy on RULER-style tasks" in (out / "summary.md").read_text()
+    assert (out / "ruler_accuracy_vs_compression.png").read_bytes()[:4] == b"\x89PNG"

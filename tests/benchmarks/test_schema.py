@@ -51,13 +51,13 @@ def test_wrong_type_is_reported(main_run: dict) -> None:
     results["pressure"]["capacity"]["vanilla"]["capacity"] = "12"
     results["overhead"]["ttft"]["1024"]["ratio"] = None  # nullable: fine
     results["overhead"]["decode_context"] = None  # not nullable
-    results["accuracy"]["rows"][0]["full"] = 60494
+    results["needle"]["rows"][0]["full"] = 60494
     results["blocks"]["rows"][0]["matches_arithmetic"] = 1  # an int is not a bool
     results["smoke"] = "false"
     problems = schema.validate(results)
     assert len(problems) == 5, problems
     for path in ("pressure.capacity.vanilla.capacity", "overhead.decode_context",
-                 "accuracy.rows[0].full", "blocks.rows[0].matches_arithmetic", "smoke"):
+                 "needle.rows[0].full", "blocks.rows[0].matches_arithmetic", "smoke"):
         assert any(p.startswith(path + ": expected") for p in problems), (path, problems)
 
 

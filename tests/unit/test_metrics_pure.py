@@ -44,6 +44,17 @@ def test_request_summary_compressed_and_whole() -> None:
     assert metrics.request_summary(5, None, 0, 7)["compressed"] is False
 
 
+def test_request_summary_with_the_compaction_before_the_question() -> None:
+    # compact_at 2400 of 2500: E = floor((2400 - 1024) / 128) * 128 = 1280; the question's 100
+    # tokens come on top: the prompt keeps 2500 - 1280 = 1220 per KV head.
+    p = _schedule(prompt_at=2400)
+    s = metrics.request_summary(2500, p, progress=2400, processed=2508)
+    assert s["kept_tokens"] == 1220 and s["evicted_tokens"] == 1280 and s["compactions"] == 1
+    assert s["final_kept_tokens"] == 2508 - 1280
+    # aborted before the compaction point: the prompt was held whole
+    assert metrics.request_summary(2500, p, progress=0, processed=2300)["kept_tokens"] == 2500
+
+
 def test_request_summary_counts_decode_compactions() -> None:
     # prompt compaction at 2500 (E 1408), then decode budget 512 + interval 256.
     p = _schedule(decode_budget=512, decode_interval=256)
