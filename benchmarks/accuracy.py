@@ -288,13 +288,12 @@ def summary_md(res: dict, p: dict) -> list[str]:
              "question was read (`vllm serve`'s default); **context** = the context compacted "
              "before the question is read (`vllm_xargs.snapkv_compact_at`).", ""]
     lines += ["### Macro average (included tasks, all lengths)", "",
-              "| method | regime | " + " | ".join(f"{r}x" for r in ratios) + " |",
-              "|---|---|" + "---|" * len(ratios)]
+              "| regime | method | full cache | " + " | ".join(f"{r}x" for r in ratios) + " |",
+              "|---|---|---|" + "---|" * len(ratios)]
     for g in regimes:
-        lines.append(f"| full cache | {g} | " + " | ".join(
-            _pct(res["macro"][g]["full"]) for _ in ratios) + " |")
+        full = _pct(res["macro"][g]["full"])
         for m in methods:
-            lines.append(f"| {m} | {g} | " + " | ".join(
+            lines.append(f"| {g} | {m} | {full} | " + " | ".join(
                 _pct(res["macro"][g][column(m, r)]) for r in ratios) + " |")
     lines.append("")
     for n, regs in res["macro_by_length"].items():

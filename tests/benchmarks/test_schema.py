@@ -19,6 +19,7 @@ COMMITTED = {
     "main": REPO / "docs" / "benchmarks",
     "throughput-floor": REPO / "docs" / "benchmarks" / "throughput-floor",
     "phases": REPO / "docs" / "benchmarks" / "phases",
+    "accuracy": REPO / "docs" / "benchmarks" / "accuracy",
 }
 
 
