@@ -43,7 +43,6 @@ from typing import Any, Callable
 from benchmarks import client, kvpress_ruler, ruler
 
 REGIMES = ("question", "context")
-SERVED = "smollm2"
 Z95 = 1.959963984540054
 
 
@@ -171,8 +170,8 @@ def run(p: RulerProfile, out: Path, servers: Callable, log: Callable[[str], None
                                                 xargs=xargs(m, r, g, case)),
                 jobs, p.concurrency)
             for (m, r, g), d in zip(jobs, done):
-                kept, attended = expected_kept(case, r, g, p.block_size, m)
-                record(case, g, column(m, r), d, expect=attended)
+                record(case, g, column(m, r), d,
+                       expect=expected_kept(case, r, g, p.block_size, m)[1])
 
         for (task, length), cell_cases in by_cell.items():
             t0 = time.time()
@@ -246,10 +245,10 @@ def tables(p: RulerProfile, rows: list[dict], included: dict[str, list[str]],
         for g in p.regimes:
             agreement[g] = {}
             for name in ["full", *kvpress_ruler.PRESSES]:
-                if name != "full" and name.split("+")[0] not in p.methods:
+                method = name.split("+")[0]  # "keydiff+window" is compared with keydiff
+                if name != "full" and method not in p.methods:
                     continue
                 kv_col = "full" if name == "full" else f"{name}@{ratio}x"
-                method = name.split("+")[0]
                 eng_col = "full" if name == "full" else column(method, ratio)
                 kv = {r["id"]: r["correct"] for r in kv_rows
                       if r["regime"] == g and r["column"] == kv_col}

@@ -56,14 +56,12 @@ def check_request(config: CompressionConfig, prompt_len: int, sampling_params: A
     if sampling_params is None:  # pooling requests are never compressed
         return
     extra = sampling_params.extra_args
-    try:
-        settings = config.request_settings(extra)
-        if settings is not None:  # a compact_at outside this prompt names the allowed range
-            config.request_plan(prompt_len, block_size, extra)
+    try:  # the settings, and a compact_at outside this prompt, named with the allowed range
+        plan = config.request_plan(prompt_len, block_size, extra)
     except SettingsError as err:
         raise validation_error(err) from None
     if chunk_tokens and sampling_params.seed is not None:
-        schedule = config.schedule(prompt_len, block_size, extra) if settings else None
+        schedule = plan.schedule if plan is not None else None
         read_in_chunks = prompt_len > chunk_tokens or (
             schedule is not None and schedule.first is not None
             and schedule.first.at < prompt_len)
