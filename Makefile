@@ -36,10 +36,10 @@ bench: setup
 bench-smoke: setup
 	.venv/bin/python -m benchmarks.suite --smoke $(BENCH_ARGS)
 
-# Check every vLLM internal the plugin touches (vllm_snapkv/vllm_seam.py) against the installed
+# Check every vLLM internal the plugin touches (vllm_snapkv/integration/seam.py) against the installed
 # vLLM and against a release's wheel sources, downloaded with `pip download --no-deps` and never
 # installed (VLLM_RELEASE=0.33.0 by default).
 VLLM_RELEASE ?= 0.33.0
 check-vllm-sources: setup
-	.venv/bin/python -m vllm_snapkv.vllm_seam
-	.venv/bin/python -m vllm_snapkv.vllm_seam --release $(VLLM_RELEASE)
+	.venv/bin/python -m vllm_snapkv.integration.seam
+	.venv/bin/python -m vllm_snapkv.integration.seam --release $(VLLM_RELEASE)

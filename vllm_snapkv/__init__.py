@@ -7,19 +7,13 @@ Public API:
   overrides all go through it.
 
 The vLLM plugin itself is registered through the ``vllm.general_plugins`` entry point
-(:func:`vllm_snapkv.plugin.register`); importing this package does not import vLLM.
+(:func:`vllm_snapkv.integration.plugin.register`); importing this package does not import vLLM.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
-
-from vllm_snapkv.compat import check_vllm_version
-
-if os.environ.get("VLLM_SNAPKV_SKIP_VERSION_CHECK", "0") != "1":
-    check_vllm_version()
 
 __version__ = "0.1.0"
 

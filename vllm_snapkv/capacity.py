@@ -8,12 +8,12 @@ every one of those three rules uses the request's real peak instead of its lengt
 
 * start-up: the spec's memory need is :func:`engine_min_blocks` (the largest prompt the model
   takes, read with compactions, plus its first generated token), not ``max_model_len``
-  (:meth:`vllm_snapkv.kv_cache.SnapKVAttentionSpec.max_memory_usage_bytes`);
+  (:meth:`vllm_snapkv.integration.kv_cache.SnapKVAttentionSpec.max_memory_usage_bytes`);
 * admission: a new request must find :func:`peak_blocks` free blocks for its prompt, not
-  ``ceil(N / bs)`` (:meth:`vllm_snapkv.kv_cache.SnapKVFullAttentionManager.get_num_blocks_to_allocate`);
+  ``ceil(N / bs)`` (:meth:`vllm_snapkv.integration.kv_cache.SnapKVFullAttentionManager.get_num_blocks_to_allocate`);
 * and a request whose peak over its whole prompt *and* output (``max_tokens``) exceeds the pool
   can never run, so the API server refuses it up front with an HTTP 400 naming ``max_tokens``
-  (:mod:`vllm_snapkv.request_validation`) instead of leaving it waiting forever.
+  (:mod:`vllm_snapkv.integration.request_validation`) instead of leaving it waiting forever.
 
 Without a prefill budget nothing here changes vLLM's behaviour.
 """

@@ -1,46 +1,29 @@
-"""SnapKV observability: what each request's compression did, as Prometheus metrics and as a
-per-request response field.
+"""What each request's compression did: the per-request summary, the stats payload and the
+recorders that fill it. Pure: no vLLM (``tests/unit/test_boundary.py``).
 
-Route through vLLM 0.32 (no vLLM file is patched):
+* **Per request**: :func:`request_summary`, the ``{"snapkv": {...}}`` object the scheduler adds
+  to the ``kv_transfer_params`` of a request's final output (vLLM copies them into
+  non-streaming responses; :mod:`vllm_snapkv.integration.streaming` adds it to streams).
+* **Per step**: a payload (:func:`empty_data`) that travels on vLLM's KV-connector stats channel
+  from the engine core and the workers to one API server per step:
+  :class:`StatsRecorder` is the scheduler's side (compressed and skipped requests, evicted
+  tokens, freed blocks, blocks saved now), :class:`SelectionTimer` the worker's (selection time
+  per request). :func:`aggregate_data` merges payloads as vLLM aggregates stats.
 
-* **Per-step stats** travel on vLLM's KV-connector stats channel. The plugin adds a connector that
-  transfers nothing, :class:`vllm_snapkv.metrics_connector.SnapKVConnector` (composed with a
-  user's own connector through vLLM's ``MultiConnector``, see :func:`wire`):
-
-  - its **scheduler** side hands vLLM the scheduler's :class:`StatsRecorder` (compressed and
-    skipped requests, evicted tokens, freed blocks, blocks saved now), filled by
-    :class:`vllm_snapkv.scheduler.SnapKVSchedulerMixin`;
-  - its **worker** side times the SnapKV selection of each request (summed over layers) with
-    :class:`SelectionTimer` and returns it with the step's model-runner output;
-  - vLLM merges both into ``SchedulerStats.kv_connector_stats`` and sends them to one API server
-    per step, whose ``PrometheusStatLogger`` calls :meth:`SnapKVPromMetrics.observe`. Each
-    observation therefore reaches exactly one API-server process, and Prometheus multiprocess
-    mode (``--api-server-count N``) sums counters/histograms across processes.
-
-* **Per request**, the scheduler adds ``{"snapkv": {...}}`` (see :func:`request_summary`) to the
-  ``kv_transfer_params`` of the request's final engine output; vLLM copies ``kv_transfer_params``
-  into non-streaming ``/v1/completions`` and ``/v1/chat/completions`` responses.
-
-Everything in this module except :class:`SnapKVPromMetrics`/:class:`SnapKVStats` is free of vLLM
-imports at module level so the unit tests can exercise it directly.
+The vLLM classes that carry the payload and export it (``KVConnectorStats``,
+``KVConnectorPromMetrics`` and the connector) are in :mod:`vllm_snapkv.integration.prometheus`
+and :mod:`vllm_snapkv.integration.connector`; the metric names and buckets are here, so the
+benchmarks, the dashboard and the tests read them without vLLM.
 """
 
 from __future__ import annotations
 
-import copy
-import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
-
-from vllm_snapkv import vllm_seam as seam
 
 from vllm_snapkv.schedule import Compaction, Schedule
 
-#: Connector class name (MultiConnector keys stats and metrics by it) and module.
-CONNECTOR_NAME = "SnapKVConnector"
-CONNECTOR_MODULE = "vllm_snapkv.metrics_connector"
 #: Key of the per-request summary inside ``kv_transfer_params``.
 RESPONSE_KEY = "snapkv"
 
@@ -68,10 +51,6 @@ FACTOR_BUCKETS = [1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.
 COMPACTION_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
 SELECTION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0]
-
-
-KVConnectorPromMetrics = seam.get("KVConnectorPromMetrics")
-KVConnectorStats = seam.get("KVConnectorStats")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,38 +158,22 @@ def data_is_empty(data: Mapping[str, Any]) -> bool:
             and not data.get("selection_s") and data.get("blocks_saved") is None)
 
 
-@dataclass
-class SnapKVStats(KVConnectorStats):
-    """vLLM ``KVConnectorStats`` carrying one step's (or one log interval's) SnapKV facts."""
-
-    data: dict[str, Any] = field(default_factory=empty_data)
-
-    def reset(self) -> None:
-        self.data = empty_data()
-
-    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        self.data = aggregate_data(self.data, other.data)
-        return self
-
-    def reduce(self) -> dict[str, int | float]:
-        """Interval summary for vLLM's periodic log line."""
-        comp = self.data.get("compressed") or []
-        prompt = sum(c[0] for c in comp)
-        kept = sum(c[1] for c in comp)
-        sel = list(selection_seconds(self.data).values())
-        out: dict[str, int | float] = {
-            "SnapKV compressed": len(comp),
-            "skipped": int(sum((self.data.get("skipped") or {}).values())),
-            "kept ratio": round(kept / prompt, 4) if prompt else 1.0,
-            "freed blocks": int(sum((self.data.get("freed") or {}).values())),
-            "avg selection ms": round(1000 * sum(sel) / len(sel), 2) if sel else 0.0,
-        }
-        if self.data.get("blocks_saved") is not None:
-            out["blocks saved"] = int(self.data["blocks_saved"])
-        return out
-
-    def is_empty(self) -> bool:
-        return data_is_empty(self.data)
+def interval_summary(data: Mapping[str, Any]) -> dict[str, int | float]:
+    """A payload's summary for vLLM's periodic log line."""
+    comp = data.get("compressed") or []
+    prompt = sum(c[0] for c in comp)
+    kept = sum(c[1] for c in comp)
+    sel = list(selection_seconds(data).values())
+    out: dict[str, int | float] = {
+        "SnapKV compressed": len(comp),
+        "skipped": int(sum((data.get("skipped") or {}).values())),
+        "kept ratio": round(kept / prompt, 4) if prompt else 1.0,
+        "freed blocks": int(sum((data.get("freed") or {}).values())),
+        "avg selection ms": round(1000 * sum(sel) / len(sel), 2) if sel else 0.0,
+    }
+    if data.get("blocks_saved") is not None:
+        out["blocks saved"] = int(data["blocks_saved"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,14 +238,14 @@ class StatsRecorder:
     def blocks_saved(self) -> int:
         return sum(self._holding.values())
 
-    def take(self) -> SnapKVStats | None:
+    def take(self) -> dict[str, Any] | None:
         """This step's payload (None when nothing happened and the gauge did not move)."""
         data, self._pending = self._pending, empty_data()
         saved = self.blocks_saved
         if saved != self._saved_sent:
             data["blocks_saved"] = saved
             self._saved_sent = saved
-        return None if data_is_empty(data) else SnapKVStats(data=data)
+        return None if data_is_empty(data) else data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,304 +284,11 @@ class SelectionTimer:
     def add(self, req_id: str, seconds: float) -> None:
         self._times[req_id] = self._times.get(req_id, 0.0) + seconds
 
-    def take(self, stage: int = 0) -> SnapKVStats | None:
+    def take(self, stage: int = 0) -> dict[str, Any] | None:
         """The times since the last call, as a payload from pipeline stage ``stage``."""
         if not self._times:
             return None
         times, self._times = self._times, {}
         data = empty_data()
         data["selection_s"] = {rid: {str(stage): t} for rid, t in times.items()}
-        return SnapKVStats(data=data)
-
-
-# ---------------------------------------------------------------------------------------------
-# API-server side: Prometheus metrics
-# ---------------------------------------------------------------------------------------------
-
-
-class SnapKVPromMetrics(KVConnectorPromMetrics):
-    """The ``vllm:snapkv_*`` series, labelled ``model_name`` and ``engine`` like vLLM's own, plus
-    ``method`` (per-request series), ``phase`` (evictions) or ``reason`` (skips)."""
-
-    def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
-                 per_engine_labelvalues: dict[int, list[object]]) -> None:
-        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        self._values = per_engine_labelvalues
-        by_method = [*labelnames, "method"]
-        by_phase = [*labelnames, "phase"]
-        self.ratio = self._histogram_cls(
-            name=M_RATIO, labelnames=by_method, buckets=RATIO_BUCKETS,
-            documentation="Per compressed request: prompt tokens kept per KV head after the "
-                          "prompt phase / prompt tokens.")
-        self.factor = self._histogram_cls(
-            name=M_FACTOR, labelnames=by_method, buckets=FACTOR_BUCKETS,
-            documentation="Per compressed request: prompt tokens / prompt tokens kept (the "
-                          "compression factor, the inverse of the ratio).")
-        self.compactions = self._histogram_cls(
-            name=M_COMPACTIONS, labelnames=by_method, buckets=COMPACTION_BUCKETS,
-            documentation="Per compressed request: compactions it ran (while its prompt was "
-                          "read, at its end, during decode).")
-        self.compressed = self._counter_cls(
-            name=M_COMPRESSED, labelnames=by_method,
-            documentation="Finished requests whose KV was compacted at least once.")
-        self.skipped = self._counter_cls(
-            name=M_SKIPPED, labelnames=[*labelnames, "reason"],
-            documentation="Finished requests whose KV was never compacted, by reason "
-                          "(opted_out, fits_budget, not_compacted).")
-        self.prompt_tokens = self._counter_cls(
-            name=M_PROMPT_TOKENS, labelnames=by_method,
-            documentation="Prompt tokens of compressed requests.")
-        self.kept_tokens = self._counter_cls(
-            name=M_KEPT_TOKENS, labelnames=by_method,
-            documentation="Prompt tokens kept per KV head after the prompt phase, by compressed "
-                          "requests.")
-        self.evicted = self._counter_cls(
-            name=M_EVICTED, labelnames=by_phase,
-            documentation="Tokens evicted per KV head by compactions, by phase (prefill, "
-                          "prompt, decode).")
-        self.freed = self._counter_cls(
-            name=M_FREED, labelnames=by_phase,
-            documentation="KV-cache blocks returned to the pool by compactions, by phase.")
-        self.selection = self._histogram_cls(
-            name=M_SELECTION, labelnames=labelnames, buckets=SELECTION_BUCKETS,
-            documentation="Per request and step: token-selection time, summed over layers, in "
-                          "the worker.")
-        self.saved = self._gauge_cls(
-            name=M_SAVED, labelnames=labelnames, multiprocess_mode="mostrecent",
-            documentation="KV-cache blocks running requests do not hold thanks to compaction "
-                          "(freed blocks of live requests).")
-        # Every series exists (at 0) from the start, as vLLM's own do: dashboards and alerts
-        # see a known label set instead of series that appear on first use.
-        from vllm_snapkv.methods import method_names
-        from vllm_snapkv.schedule import PHASES
-
-        for idx in per_engine_labelvalues:
-            for method in method_names():
-                for metric in (self.ratio, self.factor, self.compactions, self.compressed,
-                               self.prompt_tokens, self.kept_tokens):
-                    self._child(metric, idx, method)
-            for phase in PHASES:
-                self._child(self.evicted, idx, phase)
-                self._child(self.freed, idx, phase)
-            for reason in SKIP_REASONS:
-                self._child(self.skipped, idx, reason)
-            self._child(self.selection, idx)
-            self._child(self.saved, idx)
-
-    def _child(self, metric: Any, engine_idx: int, *extra: object) -> Any:
-        return metric.labels(*self._values[engine_idx], *extra)
-
-    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
-        data = transfer_stats_data
-        for prompt_len, kept, method, compactions in data.get("compressed") or []:
-            self._child(self.ratio, engine_idx, method).observe(kept / prompt_len)
-            self._child(self.factor, engine_idx, method).observe(prompt_len / kept)
-            self._child(self.compactions, engine_idx, method).observe(compactions)
-            self._child(self.compressed, engine_idx, method).inc()
-            self._child(self.prompt_tokens, engine_idx, method).inc(prompt_len)
-            self._child(self.kept_tokens, engine_idx, method).inc(kept)
-        for phase, n in (data.get("evicted") or {}).items():
-            if n:
-                self._child(self.evicted, engine_idx, phase).inc(n)
-        for phase, n in (data.get("freed") or {}).items():
-            if n:
-                self._child(self.freed, engine_idx, phase).inc(n)
-        for reason, n in (data.get("skipped") or {}).items():
-            if reason in SKIP_REASONS and n:
-                self._child(self.skipped, engine_idx, reason).inc(n)
-        for seconds in selection_seconds(data).values():
-            self._child(self.selection, engine_idx).observe(seconds)
-        if data.get("blocks_saved") is not None:
-            self._child(self.saved, engine_idx).set(data["blocks_saved"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Wiring (called from vllm_snapkv.plugin when compression is on)
-# ---------------------------------------------------------------------------------------------
-
-
-def snapkv_connector_dict() -> dict[str, Any]:
-    return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE,
-            "kv_role": "kv_both"}
-
-
-def _is_snapkv(entry: Mapping[str, Any]) -> bool:
-    return entry.get("kv_connector") == CONNECTOR_NAME
-
-
-def _ktc_to_dict(ktc: Any) -> dict[str, Any]:
-    """A user's ``KVTransferConfig`` as the dict ``MultiConnector`` rebuilds children from."""
-    if isinstance(ktc, Mapping):
-        return {k: copy.deepcopy(v) for k, v in ktc.items() if v is not None}
-    out: dict[str, Any] = {}
-    for name in ("kv_connector", "kv_role", "kv_connector_extra_config",
-                 "kv_connector_module_path", "kv_buffer_device", "kv_port", "engine_id",
-                 "enable_permute_local_kv", "kv_load_failure_policy"):
-        if hasattr(ktc, name):
-            value = getattr(ktc, name)
-            if value is not None:
-                out[name] = copy.deepcopy(value)
-    return out
-
-
-def composed_kv_transfer_config(user: Any) -> dict[str, Any]:
-    """The ``--kv-transfer-config`` dict that runs the SnapKV connector next to ``user``'s.
-
-    * none -> the SnapKV connector alone;
-    * ``MultiConnector`` -> SnapKV appended to its ``connectors`` (once);
-    * any other connector -> a ``MultiConnector`` of [user's, SnapKV]. The user's comes first,
-      so it keeps deciding loads; SnapKV never loads, saves or returns ``kv_transfer_params``.
-
-    Which user connectors may run with compression at all is :func:`check_kv_transfer`'s call.
-    """
-    if user is None:
-        return snapkv_connector_dict()
-    cfg = _ktc_to_dict(user)
-    if not cfg.get("kv_connector"):
-        raise ValueError(
-            "--kv-compression snapkv: --kv-transfer-config has no kv_connector; give one or "
-            "leave --kv-transfer-config out")
-    if cfg["kv_connector"] == CONNECTOR_NAME:
-        return cfg
-    if cfg["kv_connector"] == "MultiConnector":
-        extra = dict(cfg.get("kv_connector_extra_config") or {})
-        children = [dict(c) for c in extra.get("connectors") or []]
-        if not any(_is_snapkv(c) for c in children):
-            children.append(snapkv_connector_dict())
-        extra["connectors"] = children
-        cfg["kv_connector_extra_config"] = extra
-        cfg.setdefault("kv_role", "kv_both")
-        return cfg
-    # The MultiConnector carries the ids and role; children inherit engine_id from it.
-    top = {k: cfg[k] for k in ("kv_role", "engine_id", "kv_buffer_device") if k in cfg}
-    top.setdefault("kv_role", "kv_both")
-    child = {k: v for k, v in cfg.items() if k != "engine_id"}
-    return {**top, "kv_connector": "MultiConnector",
-            "kv_connector_extra_config": {"connectors": [child, snapkv_connector_dict()]}}
-
-
-#: The connector hooks that move KV: loading external KV into a request, saving a layer's KV.
-TRANSFER_HOOKS = ("get_num_new_matched_tokens", "start_load_kv", "save_kv_layer")
-
-
-def _connector_entries(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The connectors a ``--kv-transfer-config`` dict configures (MultiConnector children
-    included), as connector dicts."""
-    if cfg.get("kv_connector") == "MultiConnector":
-        extra = cfg.get("kv_connector_extra_config") or {}
-        return [e for child in extra.get("connectors") or [] for e in _connector_entries(child)]
-    return [dict(cfg)]
-
-
-def moves_kv(entry: Mapping[str, Any]) -> str | None:
-    """Why the connector ``entry`` (a connector dict) may move KV, or ``None`` when it cannot.
-
-    Judged by what its class does, not by its name: a connector that inherits every KV-moving
-    hook (:data:`TRANSFER_HOOKS`) from :class:`~vllm_snapkv.metrics_connector.NoTransferConnector`
-    moves none; any other implementation of them (vLLM's NIXL, LMCache, offloading, example,
-    Mooncake, UMBP connectors, ...) may load prompt KV into a request or save it, which
-    compression cannot share. A connector class that cannot be loaded is judged as moving KV.
-    """
-    from vllm_snapkv.metrics_connector import NoTransferConnector
-
-    name = entry.get("kv_connector")
-    if name == CONNECTOR_NAME:
-        return None
-    try:
-        cls = _connector_class(entry)
-    except Exception as exc:  # noqa: BLE001 - any failure to load means we cannot vouch for it
-        return f"{name} (its class could not be loaded: {exc})"
-    overridden = [h for h in TRANSFER_HOOKS
-                  if getattr(cls, h, None) is not getattr(NoTransferConnector, h)]
-    if overridden:
-        return f"{name} (implements {', '.join(overridden)})"
-    return None
-
-
-def _connector_class(entry: Mapping[str, Any]) -> type:
-    import importlib
-
-    name = entry["kv_connector"]
-    module_path = entry.get("kv_connector_module_path")
-    if module_path:
-        return getattr(importlib.import_module(module_path), name)
-    from vllm_snapkv import vllm_seam as seam
-
-    return seam.get("KVConnectorFactory.get_connector_class_by_name")(name)
-
-
-def check_kv_transfer(engine_args: Any) -> None:
-    """Refuse (``ValueError``, one line naming the flag) KV-transfer settings that cannot work
-    with compression on: ``--kv-offloading-size`` (vLLM's offloading connector) and any
-    connector in ``--kv-transfer-config`` that may move KV (:func:`moves_kv`). Connectors that
-    move none (derived from ``NoTransferConnector``) are composed with the SnapKV connector.
-    """
-    if getattr(engine_args, "kv_offloading_size", None) is not None:
-        raise ValueError(
-            "--kv-offloading-size cannot be combined with --kv-compression snapkv: vLLM's "
-            "offloading connector saves prompt KV after SnapKV compacted it and loads it into "
-            "requests whose prefill SnapKV then cannot see; use one or the other")
-    user = engine_args.kv_transfer_config
-    if user is None:
-        return
-    movers = [why for e in _connector_entries(_ktc_to_dict(user))
-              if e.get("kv_connector") and (why := moves_kv(e)) is not None]
-    if movers:
-        raise ValueError(
-            f"--kv-transfer-config with {'; '.join(movers)} cannot be combined with "
-            "--kv-compression: a connector that moves KV would save prompt KV after a "
-            "compaction rewrote it (other requests would load corrupted KV) or load prompt KV "
-            "into requests whose prefill compression then cannot see; use one or the other (a "
-            "connector that moves no KV may derive from "
-            "vllm_snapkv.metrics_connector.NoTransferConnector)")
-
-
-def wire(engine_args: Any) -> None:
-    """Add the SnapKV metrics connector to ``engine_args`` (compression on), after
-    :func:`check_kv_transfer`. ``--disable-log-stats`` is left alone (then nothing is exported,
-    as for vLLM's own metrics)."""
-    KVTransferConfig = seam.get("KVTransferConfig")
-    check_kv_transfer(engine_args)
-    if engine_args.kv_transfer_config is None:
-        keep_cpu_core_reservation(engine_args)
-    engine_args.kv_transfer_config = KVTransferConfig(
-        **composed_kv_transfer_config(engine_args.kv_transfer_config))
-
-
-#: vLLM's CPU worker reserves cores for the engine's other processes from this variable.
-CPU_RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
-
-
-def keep_cpu_core_reservation(engine_args: Any) -> None:
-    """On CPU, keep the compute cores vanilla vLLM would have, despite our connector.
-
-    vLLM's CPU backend reserves one extra core per rank whenever any KV connector is configured
-    ("for nixl_connector under p/d", ``utils/ompmultiprocessing.py``). The SnapKV connector moves
-    no KV, so that reservation would only take a compute core away from the worker (and on a
-    2-core machine the over-reservation is dropped altogether, giving it one core *more* than
-    vanilla). So, unless the user set the variable, pin it to vanilla's reservation: one core per
-    local rank on x86/ARM/RISC-V (vLLM's default), else one.
-    """
-    current_platform = seam.get("current_platform")
-    if not current_platform.is_cpu() or CPU_RESERVED_ENV in os.environ:
-        return
-    CpuArchEnum = seam.get("CpuArchEnum")
-
-    ranks = int(getattr(engine_args, "tensor_parallel_size", 1) or 1) * \
-        int(getattr(engine_args, "pipeline_parallel_size", 1) or 1)
-    per_rank = current_platform.get_cpu_architecture() in (
-        CpuArchEnum.X86, CpuArchEnum.ARM, CpuArchEnum.RISCV)
-    os.environ[CPU_RESERVED_ENV] = str(ranks if per_rank else 1)
-
-
-def find_connector(connector: Any) -> Any:
-    """The SnapKV connector inside the scheduler's connector (itself or a MultiConnector child)."""
-    if connector is None:
-        return None
-    if type(connector).__name__ == CONNECTOR_NAME:
-        return connector
-    for child in getattr(connector, "sub_connectors", None) or []:
-        found = find_connector(child)
-        if found is not None:
-            return found
-    return None
+        return data

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -117,8 +119,11 @@ def _affine_form(offsets: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def probe_cpu_layout(head_size: int, block_size: int, dtype: torch.dtype, isa: str) -> TokenLayout:
-    """Derive the (block, head) region layout of ``ops.cpu_attn_reshape_and_cache`` by probing it.
+def probe_cpu_layout(reshape_and_cache: Callable[..., Any], head_size: int, block_size: int,
+                     dtype: torch.dtype, isa: str) -> TokenLayout:
+    """Derive the (block, head) region layout of ``reshape_and_cache`` (vLLM's
+    ``ops.cpu_attn_reshape_and_cache``, handed in by the integration layer so that this module
+    needs no vLLM) by probing it.
 
     A scratch cache of 3 physical blocks x 2 heads is filled, for two logical blocks mapped to
     physical blocks (2, 0) (block 1 must stay untouched), with values that encode
@@ -128,10 +133,6 @@ def probe_cpu_layout(head_size: int, block_size: int, dtype: torch.dtype, isa: s
     region's elements and its ``2 * block_size * head_size`` (K/V, t, d) triples), and that all
     regions agree, before returning the offset tables. Cached per argument tuple.
     """
-    from vllm_snapkv import vllm_seam as seam  # lazy: importing vLLM is heavy
-
-    reshape_and_cache = seam.get("cpu_attn_reshape_and_cache")
-
     bs, D = int(block_size), int(head_size)
     H, num_logical, num_physical = 2, 2, 3
     phys = torch.tensor([2, 0], dtype=torch.int64)  # logical block i -> physical block phys[i]
@@ -195,11 +196,12 @@ def probe_cpu_layout(head_size: int, block_size: int, dtype: torch.dtype, isa: s
                        v_affine=_affine_form(v_offsets))
 
 
-def layout_for_cache(kv_cache: torch.Tensor, isa: str) -> TokenLayout:
+def layout_for_cache(reshape_and_cache: Callable[..., Any], kv_cache: torch.Tensor,
+                     isa: str) -> TokenLayout:
     """:func:`probe_cpu_layout` for a vLLM CPU cache tensor ``[nb, H, bs, 2*D]`` and its ISA
     string (the ``layer.isa`` that ``CPUAttentionMetadataBuilder`` sets)."""
     _, _, bs, two_d = kv_cache.shape
-    return probe_cpu_layout(two_d // 2, bs, kv_cache.dtype, isa)
+    return probe_cpu_layout(reshape_and_cache, two_d // 2, bs, kv_cache.dtype, isa)
 
 
 def slot_mapping(block_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from vllm_snapkv.methods import get_method
 from vllm_snapkv.settings import (
     DEFAULT_GQA_AGGREGATION,
     DEFAULT_KERNEL,
@@ -113,14 +112,16 @@ def select_tokens_with_settings(
     *,
     keep: int | None = None,
     method: str | None = None,
+    values: torch.Tensor | None = None,
     tile_size: int | None = None,
     score_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """:func:`select_tokens` with ready settings: the integration path.
 
-    ``method`` (default ``settings.method``) ranks the positions; ``keep`` (default
-    :func:`kept_count`) is how many each KV head keeps. ``queries`` may be ``None`` for methods
-    that do not use them.
+    ``method`` (default ``settings.method``, configured with the settings' parameters) ranks
+    the positions; ``keep`` (default :func:`kept_count`) is how many each KV head keeps.
+    ``queries`` may be ``None`` for methods that do not use them; ``values`` (``[Hkv, N, D]``)
+    are handed to the method (the engine always has them).
     """
     if keys.dim() != 3:
         raise ValueError(f"expected keys [num_kv_heads, N, head_dim], got {tuple(keys.shape)}")
@@ -129,11 +130,11 @@ def select_tokens_with_settings(
     if kept >= n:
         # Nothing to evict, and no need for (possibly fewer than w) window queries.
         return torch.arange(n, device=keys.device, dtype=torch.long).expand(hkv, n).contiguous()
-    impl = get_method(method or settings.method)
+    impl = settings.scorer(method)
     if impl.uses_queries and queries is None:
         raise ValueError(f"method {impl.name!r} needs the window's queries")
-    scores = impl.score(keys, queries if impl.uses_queries else None, settings,
-                        tile_size=tile_size, score_dtype=score_dtype)
+    scores = impl.score(keys, values, queries if impl.uses_queries else None,
+                        window=settings.window, tile_size=tile_size, score_dtype=score_dtype)
     return select_from_scores(scores, n, settings, kept)
 
 

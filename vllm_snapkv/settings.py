@@ -42,6 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from vllm_snapkv.errors import SettingsError
+
 __all__ = [
     "DEFAULT_GQA_AGGREGATION",
     "DEFAULT_KERNEL",
@@ -65,10 +67,6 @@ __all__ = [
 ]
 
 DEFAULT_WINDOW = 32
-DEFAULT_KERNEL = 15
-DEFAULT_POOLING = "avg"
-DEFAULT_REDUCTION = "sum"
-DEFAULT_GQA_AGGREGATION = "mean"
 DEFAULT_METHOD = "snapkv"
 #: Tokens between two decode compactions when ``decode_interval`` is not given (rounded up to
 #: whole KV blocks).
@@ -79,29 +77,17 @@ DEFAULT_PREFILL_INTERVAL = 1024
 #: The method of compactions made while a prompt is read, unless ``prefill_method`` says.
 DEFAULT_PREFILL_METHOD = "keydiff"
 
-POOLINGS: tuple[str, ...] = ("avg", "max")
-REDUCTIONS: tuple[str, ...] = ("sum", "mean")
-GQA_AGGREGATIONS: tuple[str, ...] = ("mean", "max")
-
-
-class SettingsError(ValueError):
-    """An invalid SnapKV setting.
-
-    Attributes:
-        setting: name of the offending setting (a :class:`SnapKVSettings` field, or the unknown
-            key of a dict), so callers can map it to a CLI flag or an HTTP request field.
-        value: the rejected value.
-        allowed: human-readable allowed range.
-    """
-
-    def __init__(self, setting: str, value: Any, allowed: str) -> None:
-        self.setting = setting
-        self.value = value
-        self.allowed = allowed
-        super().__init__(f"snapkv {setting}={value!r} is invalid: {allowed}")
-
-    def __reduce__(self):  # keep the attributes across pickling (multiprocess engines)
-        return (type(self), (self.setting, self.value, self.allowed))
+# SnapKV's own parameters are the SnapKV method's (vllm_snapkv/methods/snapkv.py); their
+# defaults and choices are re-exported here for the selection API.
+from vllm_snapkv.methods.snapkv import (  # noqa: E402
+    DEFAULT_GQA_AGGREGATION,
+    DEFAULT_KERNEL,
+    DEFAULT_POOLING,
+    DEFAULT_REDUCTION,
+    GQA_AGGREGATIONS,
+    POOLINGS,
+    REDUCTIONS,
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -113,7 +99,7 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SnapKVSettings:
     """Compression settings of an engine or one request, validated on construction (immutable;
     hashable). Exactly one of ``budget`` and ``ratio`` must be set.
@@ -127,10 +113,6 @@ class SnapKVSettings:
             (evaluated literally as ``int(N * (1.0 - (1.0 - ratio)))``), raised to at least
             ``window + sinks + 1`` and capped at N — see :func:`vllm_snapkv.selection.kept_count`.
         window: the last ``w`` positions, always kept; for SnapKV their queries vote.
-        kernel: width of SnapKV's 1-D pooling along the sequence. Odd integer >= 1.
-        pooling: ``"avg"`` (zero padding counted, as ``F.avg_pool1d``) or ``"max"``.
-        reduction: how the window queries' probabilities combine: ``"sum"`` or ``"mean"``.
-        gqa_aggregation: how a KV head's query group combines: ``"mean"`` or ``"max"``.
         sink: the first ``sink`` positions are always kept (inside the budget); ``None`` = the
             method's default (:attr:`sinks` is the value in force).
 
@@ -157,15 +139,17 @@ class SnapKVSettings:
             budget or ratio applies to the part before it. ``None``: the prompt's end. This is
             the question-less regime: a context compressed before the question is read, as every
             chunk compacted while a long prompt is read is, and as kvpress's pipeline does.
+
+    The methods' own parameters (:mod:`vllm_snapkv.methods`), e.g. SnapKV's ``kernel``,
+    ``pooling``, ``reduction`` and ``gqa_aggregation``, are settings too, by their names:
+    ``SnapKVSettings(budget=512, kernel=7)``; ``settings.kernel`` reads one (its default when not
+    set), :attr:`params` holds the ones set to other than their default, and
+    :meth:`scorer` gives the configured method. Each method validates its own.
     """
 
     budget: int | None = None
     ratio: float | None = None
     window: int = DEFAULT_WINDOW
-    kernel: int = DEFAULT_KERNEL
-    pooling: str = DEFAULT_POOLING
-    reduction: str = DEFAULT_REDUCTION
-    gqa_aggregation: str = DEFAULT_GQA_AGGREGATION
     sink: int | None = None
     method: str = DEFAULT_METHOD
     decode_budget: int | None = None
@@ -174,9 +158,38 @@ class SnapKVSettings:
     prefill_interval: int | None = None
     prefill_method: str | None = None
     compact_at: int | None = None
+    params: tuple[tuple[str, Any], ...] = ()
 
     #: Extra key accepted by :meth:`from_dict` to start from a named preset.
     PRESET_KEY: ClassVar[str] = "preset"
+
+    def __init__(self, **kwargs: Any) -> None:
+        # The general fields by name, and every registered method's parameters by theirs
+        # (``kernel=7`` is SnapKV's): one flat namespace, as flags and config keys are.
+        fields = {f.name for f in dataclasses.fields(self)}
+        params = dict(kwargs.pop("params", ()) or ())
+        method_params = _method_parameters()
+        for key in list(kwargs):
+            if key not in fields:
+                if key not in method_params:
+                    _check_keys({key: kwargs[key]}, (*_public_fields(), *method_params))
+                params[key] = kwargs.pop(key)
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, kwargs.pop(f.name, f.default))
+        # Only values that differ from their default are kept, so equal settings compare equal.
+        object.__setattr__(self, "params", tuple(sorted(
+            (k, v) for k, v in params.items()
+            if not _same(v, method_params[k].default))))
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        # A method parameter not set explicitly reads as its default.
+        if name.startswith("_") or name == "params":
+            raise AttributeError(name)
+        field = _method_parameters().get(name)
+        if field is None:
+            raise AttributeError(f"{type(self).__name__!s} has no setting {name!r}")
+        return dict(self.params).get(name, field.default)
 
     def __post_init__(self) -> None:
         # Each check names one setting. Order: types and ranges of independent fields first, then
@@ -186,22 +199,8 @@ class SnapKVSettings:
             raise SettingsError("method", self.method, f"must be one of {_choices(methods)}")
         if not _is_int(self.window) or self.window < 1:
             raise SettingsError("window", self.window, "must be an integer >= 1")
-        if not _is_int(self.kernel) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise SettingsError(
-                "kernel", self.kernel, "must be an odd integer >= 1 (1, 3, 5, ...)"
-            )
-        if not isinstance(self.pooling, str) or self.pooling not in POOLINGS:
-            raise SettingsError("pooling", self.pooling, f"must be one of {_choices(POOLINGS)}")
-        if not isinstance(self.reduction, str) or self.reduction not in REDUCTIONS:
-            raise SettingsError(
-                "reduction", self.reduction, f"must be one of {_choices(REDUCTIONS)}"
-            )
-        if not isinstance(self.gqa_aggregation, str) or self.gqa_aggregation not in GQA_AGGREGATIONS:
-            raise SettingsError(
-                "gqa_aggregation",
-                self.gqa_aggregation,
-                f"must be one of {_choices(GQA_AGGREGATIONS)}",
-            )
+        for name in methods:  # each method validates its own parameters
+            self.scorer(name)
         if self.sink is not None and (not _is_int(self.sink) or self.sink < 0):
             raise SettingsError("sink", self.sink, "must be an integer >= 0")
         for name in ("decode_interval", "prefill_interval"):
@@ -247,7 +246,7 @@ class SnapKVSettings:
                 raise SettingsError("prefill_budget", self.prefill_budget,
                                     f"must be an integer >= budget ({self.budget})")
         # Normalise integer-like types (e.g. numpy ints) so equality/hash/JSON behave.
-        for name in ("window", "kernel", "sink", "decode_budget", "decode_interval",
+        for name in ("window", "sink", "decode_budget", "decode_interval",
                      "prefill_budget", "prefill_interval", "compact_at"):
             value = getattr(self, name)
             if value is not None:
@@ -274,6 +273,13 @@ class SnapKVSettings:
 
         return get_method(self.method).default_sink
 
+    def scorer(self, name: str | None = None) -> Any:
+        """The instance of method ``name`` (default :attr:`method`) configured with these
+        settings' parameters (:func:`vllm_snapkv.methods.get_method`)."""
+        from vllm_snapkv.methods import get_method
+
+        return get_method(name or self.method, dict(self.params))
+
     @property
     def prefill_method_name(self) -> str:
         """The method of the compactions made while a prompt is read."""
@@ -284,8 +290,9 @@ class SnapKVSettings:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        """Names of all settings, in declaration order (the keys :meth:`from_dict` accepts)."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """Names of all settings (the keys :meth:`from_dict` accepts): the general ones in
+        declaration order, then every registered method's parameters."""
+        return (*_public_fields(), *_method_parameters())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SnapKVSettings:
@@ -326,15 +333,22 @@ class SnapKVSettings:
             changes["ratio"] = None
         elif "ratio" in changes and "budget" not in changes:
             changes["budget"] = None
-        return dataclasses.replace(self, **changes)
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        params = dict(current.pop("params"))
+        params.update({k: v for k, v in changes.items() if k in _method_parameters()})
+        current.update({k: v for k, v in changes.items() if k not in _method_parameters()})
+        return type(self)(**current, params=tuple(params.items()))
 
     def replace(self, **changes: Any) -> SnapKVSettings:
         """Keyword form of :meth:`override`."""
         return self.override(changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (JSON-serialisable); ``from_dict(s.to_dict()) == s``."""
-        return dataclasses.asdict(self)
+        """Plain-dict form (JSON-serialisable, flat: every method parameter under its name);
+        ``from_dict(s.to_dict()) == s``."""
+        out = {f: getattr(self, f) for f in _public_fields()}
+        out.update({name: getattr(self, name) for name in _method_parameters()})
+        return out
 
 
 def compaction_point(compact_at: int | None, prompt_len: int) -> int:
@@ -358,6 +372,20 @@ def _method_names() -> tuple[str, ...]:
     from vllm_snapkv.methods import method_names
 
     return method_names()
+
+
+def _method_parameters() -> dict[str, Any]:
+    from vllm_snapkv.methods import method_parameters
+
+    return method_parameters()
+
+
+def _public_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(SnapKVSettings) if f.name != "params")
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
 
 
 def _choices(values) -> str:

@@ -81,13 +81,43 @@ def test_unknown_fields_keys_and_sections_are_reported(main_run: dict) -> None:
     assert any(p.startswith("results: unexpected field 'bogus_block'") for p in problems)
     assert "blocks.rows[0]: unexpected field 'freed'" in problems
     assert any(p.startswith("pressure.throughput: unexpected field '16'") for p in problems)
-    assert any(p.startswith("sections[6]: unknown section 'bogus'") for p in problems)
+    assert any(p.startswith("sections[6]: unknown value 'bogus'") for p in problems)
 
 
 def test_required_keys_among_configurations(main_run: dict) -> None:
     results = copy.deepcopy(main_run)
     del results["pressure"]["capacity"]["vanilla"]
-    assert schema.validate(results) == ["pressure.capacity: missing key 'vanilla'"]
+    assert schema.validate(results) == ["pressure.capacity: missing field 'vanilla'"]
+
+
+def test_optional_fields_may_be_absent_but_not_null(main_run: dict) -> None:
+    results = copy.deepcopy(main_run)  # an older run: it lacks the optional fields below
+    assert "prefill_only" not in results["pressure"]["throughput"]["4x"]
+    assert "decode_prompt" not in results["profile"]
+    results["pressure"]["throughput"]["4x"]["prefill_only"] = None
+    results["profile"]["decode_prompt"] = None
+    assert sorted(schema.validate(results)) == [
+        "pressure.throughput.4x.prefill_only: expected an object, got null",
+        "profile.decode_prompt: expected int, got null",
+    ]
+    assert schema.validate({**main_run, "wall_s": None}, complete=False) == [
+        "wall_s: expected float, got null"]
+
+
+def test_no_coercion(main_run: dict) -> None:
+    results = copy.deepcopy(main_run)
+    results["blocks"]["rows"][0]["prompt"] = 1024.0  # a float is not an int
+    results["blocks"]["rows"][1]["reduction"] = "0.5"  # nor a string a float
+    results["profile"]["lengths"] = {1024}  # a list (or a tuple), not a set
+    results["kvpress"]["kvpress"]["cases"][0]["correct"]["full"] = 1  # nor an int a bool
+    results["needle"]["rows"][0]["snapkv@64"] = 7  # a column's completion is a string
+    assert sorted(schema.validate(results)) == [
+        "blocks.rows[0].prompt: expected int, got float 1024.0",
+        "blocks.rows[1].reduction: expected float, got str '0.5'",
+        "kvpress.kvpress.cases[0].correct.full: expected bool, got int 1",
+        "needle.rows[0].snapkv@64: expected str, got int 7",
+        "profile.lengths: expected a list, got set",
+    ]
 
 
 def test_complete_runs_have_wall_time_and_every_section(main_run: dict) -> None:
@@ -126,21 +156,33 @@ def test_suite_and_schema_name_the_same_sections_and_profile_fields() -> None:
 
     assert suite.SECTIONS == tuple(schema.SECTIONS)
     assert sorted(f.name for f in dataclasses.fields(suite.Profile)) == \
-        sorted([*schema.PROFILE.fields, *schema.PROFILE.optional])
+        sorted(schema.Profile.model_fields)
     for profile in (suite.FULL, suite.SMOKE):
         in_memory = dataclasses.asdict(profile)  # tuples, as the suite hands them to the report
         for value in (in_memory, json.loads(json.dumps(in_memory))):
-            problems: list[str] = []
-            schema.PROFILE.check(value, "profile", problems)
-            assert problems == []
+            schema.Profile.model_validate(value)  # raises if it does not match
     for section in schema.SECTIONS.values():  # what a section writes is a data block
         assert all(path[0] in schema.BLOCKS for path in section.writes)
 
 
 def test_describe_lists_every_block_and_section() -> None:
     text = schema.describe()
-    for name in [*schema.META, *schema.BLOCKS, *schema.SECTIONS]:
-        assert f"    {name}" in text
+    for name in [*schema.META, *schema.FINAL_META, *schema.BLOCKS, *schema.SECTIONS]:
+        assert f"\n    {name}" in text
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_json_schema_agrees_on_the_committed_runs(name: str) -> None:
+    """The exported JSON Schema (``--json-schema``) says what :func:`schema.validate` does: a
+    standard validator accepts the committed runs and refuses an unknown field or column key."""
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(schema.Results.model_json_schema())
+    results = _load(name)
+    assert [e.message for e in validator.iter_errors(results)] == []
+    for block in ("blocks", "needle"):
+        if block in results:
+            results[block]["rows"][0]["bogus@x"] = "y"
+            assert not validator.is_valid(results)
 
 
 @pytest.mark.parametrize("name", COMMITTED)

@@ -1,5 +1,5 @@
 """``benchmarks/step_cost.py`` at toy sizes (``--smoke``): both engines run (vanilla and decode
-compaction) and every batch size gets its row, so the benchmark behind the README's step-cost
+compaction) and every batch size gets its row, so the benchmark behind docs/benchmarks.md's step-cost
 figures cannot rot. No timing is asserted."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ loads or saves prompt KV. vLLM loads it from ``kv_connector_module_path`` (this 
 Its job, visible from outside: for every finished request, the scheduler side writes
 ``<log_dir>/<request id>.json`` (the prompt length it saw) and returns
 ``kv_transfer_params={"probe": {"prompt_tokens": N}}``, which must reach the response beside
-SnapKV's own ``snapkv`` key. The worker side does nothing (:class:`~vllm_snapkv.metrics_connector.NoTransferConnector`).
+SnapKV's own ``snapkv`` key. The worker side does nothing (:class:`~vllm_snapkv.integration.connector.NoTransferConnector`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-from vllm_snapkv.metrics_connector import NoTransferConnector
+from vllm_snapkv.integration.connector import NoTransferConnector
 
 
 class ProbeConnector(NoTransferConnector):

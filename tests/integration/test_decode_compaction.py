@@ -26,7 +26,7 @@ from engine_probe import run as run_probe
 
 pytestmark = pytest.mark.engine
 
-WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
+WORKER = "vllm_snapkv.integration.worker.SnapKVCPUWorker"
 BLOCK = 128
 B, S, WINDOW, KERNEL = 256, 128, 32, 15
 DECODE = {"kv_compression": "snapkv",

@@ -25,7 +25,7 @@ import torch
 
 pytestmark = pytest.mark.engine
 
-WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
+WORKER = "vllm_snapkv.integration.worker.SnapKVCPUWorker"
 BUDGET, WINDOW, KERNEL = 256, 32, 15
 SNAPKV = {"kv_compression": "snapkv",
           "snapkv": {"budget": BUDGET, "window": WINDOW, "kernel": KERNEL}}

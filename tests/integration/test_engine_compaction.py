@@ -34,7 +34,7 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
+WORKER = "vllm_snapkv.integration.worker.SnapKVCPUWorker"
 BUDGET, WINDOW, KERNEL, BLOCK = 256, 32, 15, 128
 SNAPKV = {"kv_compression": "snapkv",
           "snapkv": {"budget": BUDGET, "window": WINDOW, "kernel": KERNEL}}

@@ -48,7 +48,7 @@ from prometheus import Prometheus
 pytestmark = pytest.mark.engine
 
 BIND = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
+WORKER = "vllm_snapkv.integration.worker.SnapKVCPUWorker"
 BLOCK, BUDGET = 128, 256
 CONFIG = {"kv_compression": "snapkv",
           "snapkv": {"window": 16, "kernel": 5, "budget": BUDGET, "decode_budget": 256,

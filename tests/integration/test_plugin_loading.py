@@ -16,7 +16,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_entry_point_is_declared() -> None:
     eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert eps.get("snapkv") == "vllm_snapkv.plugin:register"
+    assert eps.get("snapkv") == "vllm_snapkv.integration.plugin:register"
 
 
 def test_vllm_plugin_loader_registers_the_plugin() -> None:
@@ -24,9 +24,9 @@ def test_vllm_plugin_loader_registers_the_plugin() -> None:
     proc = _run_python(
         "import sys\n"
         "from vllm.plugins import load_general_plugins\n"
-        "assert 'vllm_snapkv.plugin' not in sys.modules\n"
+        "assert 'vllm_snapkv.integration.plugin' not in sys.modules\n"
         "load_general_plugins()\n"
-        "import vllm_snapkv.plugin as p\n"
+        "import vllm_snapkv.integration.plugin as p\n"
         "print('registered', p.is_registered())\n"
     )
     assert proc.returncode == 0, proc.stderr
@@ -37,7 +37,7 @@ def test_engine_args_carry_the_flag_into_additional_config() -> None:
     # The real `vllm serve` parser, built the way the CLI builds it.
     proc = _run_python(
         "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-        "from vllm_snapkv.vllm_seam import get\n"
+        "from vllm_snapkv.integration.seam import get\n"
         "make_arg_parser = get('make_arg_parser')\n"
         "from vllm.engine.arg_utils import AsyncEngineArgs\n"
         "parser = make_arg_parser(FlexibleArgumentParser())\n"
@@ -102,7 +102,7 @@ def test_bad_interval_is_refused_at_startup_naming_the_flag() -> None:
 def test_settings_flags_reach_additional_config() -> None:
     proc = _run_python(
         "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-        "from vllm_snapkv.vllm_seam import get\n"
+        "from vllm_snapkv.integration.seam import get\n"
         "make_arg_parser = get('make_arg_parser')\n"
         "from vllm.engine.arg_utils import AsyncEngineArgs\n"
         "parser = make_arg_parser(FlexibleArgumentParser())\n"

@@ -25,7 +25,7 @@ from engine_probe import run as run_probe
 
 pytestmark = pytest.mark.engine
 
-WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
+WORKER = "vllm_snapkv.integration.worker.SnapKVCPUWorker"
 B, S, BLOCK, WINDOW = 256, 128, 128, 32
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}

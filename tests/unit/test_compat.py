@@ -1,10 +1,12 @@
-"""The tested-vLLM-range check that runs when the package is imported."""
+"""The tested-vLLM-range part of the seam's one gate (``seam.verify``, run when compression is
+wired into an engine)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vllm_snapkv.compat import UnsupportedVLLMVersion, check_vllm_version, parse_release
+from vllm_snapkv.integration.seam import (IncompatibleVLLM, UnsupportedVLLMVersion,
+                                          check_vllm_version, parse_release)
 
 
 @pytest.mark.parametrize("version,expected", [

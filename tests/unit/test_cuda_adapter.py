@@ -2,7 +2,7 @@
 
 What runs here (CPU tensors, vLLM 0.32's own Python sources; no FlashAttention kernels):
 
-* ``vllm_snapkv.backends.cuda`` imports on the CPU build of vLLM, registers nothing on import,
+* ``vllm_snapkv.integration.attention_cuda`` imports on the CPU build of vLLM, registers nothing on import,
   and declares ``AttentionCGSupport.NEVER`` (full CUDA graphs cannot replay the host-side
   compaction).
 * The cache accessor against a plain-torch transcription of ``reshape_and_cache_flash``'s write
@@ -17,7 +17,7 @@ What runs here (CPU tensors, vLLM 0.32's own Python sources; no FlashAttention k
   compaction; decode reads the shifted table) through the real builder/impl subclasses with the
   parent ``build``/``forward`` replaced by an emulation of FlashAttention's paged semantics.
 * The plugin's CUDA wiring (``CUSTOM`` backend, GPU worker, V1 model runner, refusals) with the
-  platform faked, and the lazy worker classes (importing ``vllm_snapkv.worker`` must not import
+  platform faked, and the lazy worker classes (importing ``vllm_snapkv.integration.worker`` must not import
   vLLM's CPU worker, which monkeypatches ``torch.cuda``).
 
 What needs a GPU (skipped here, with the reason): the real ``reshape_and_cache_flash`` op vs.
@@ -34,7 +34,7 @@ import pytest
 import torch
 
 cuda_mod = pytest.importorskip(
-    "vllm_snapkv.backends.cuda",
+    "vllm_snapkv.integration.attention_cuda",
     reason="vLLM's flash_attn backend module does not import on this vLLM build")
 kvi = pytest.importorskip("vllm.v1.kv_cache_interface")
 
@@ -50,7 +50,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
 from vllm_snapkv.backends import compaction  # noqa: E402
 from vllm_snapkv.backends import plan as stepplan  # noqa: E402
 from vllm_snapkv.backends.state import RunnerState  # noqa: E402
-from vllm_snapkv.backends.cuda import (  # noqa: E402
+from vllm_snapkv.integration.attention_cuda import (  # noqa: E402
     FlashAttnCacheAccessor,
     SnapKVFlashAttentionBackend,
     SnapKVFlashAttentionImpl,
@@ -169,7 +169,7 @@ def test_builder_declares_no_cuda_graph_support() -> None:
 
 
 def test_importing_adapter_registers_nothing() -> None:
-    code = ("import vllm_snapkv.backends.cuda\n"
+    code = ("import vllm_snapkv.integration.attention_cuda\n"
             "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E\n"
             "try:\n    print(E.CUSTOM.get_path())\nexcept ValueError:\n    print('unset')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -564,23 +564,23 @@ def _vllm_config(**att):
 def test_plugin_wires_cuda(fake_cuda) -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from vllm_snapkv import plugin
-    from vllm_snapkv.scheduler import scheduler_class_for
+    from vllm_snapkv.integration import plugin
+    from vllm_snapkv.integration.scheduler import scheduler_class_for
 
     for backend, pp in ((None, 1), ("FLASH_ATTN", 1), ("CUSTOM", 1), (None, 2)):
         cfg = _vllm_config(backend=backend)
         cfg.parallel_config = _parallel(pp=pp)  # pipeline stages are wired like one device
         plugin._wire_vllm_config(cfg)
         assert cfg.attention_config.backend == AttentionBackendEnum.CUSTOM
-        assert cfg.parallel_config.worker_cls == "vllm_snapkv.worker.SnapKVGPUWorker"
+        assert cfg.parallel_config.worker_cls == "vllm_snapkv.integration.worker.SnapKVGPUWorker"
         assert cfg.scheduler_config.scheduler_cls == scheduler_class_for(False)
     assert AttentionBackendEnum.CUSTOM.get_path() == \
-        "vllm_snapkv.backends.cuda.SnapKVFlashAttentionBackend"
+        "vllm_snapkv.integration.attention_cuda.SnapKVFlashAttentionBackend"
     assert AttentionBackendEnum.CUSTOM.get_class() is SnapKVFlashAttentionBackend
 
 
 def test_plugin_refuses_what_cuda_cannot_do(fake_cuda) -> None:
-    from vllm_snapkv import plugin
+    from vllm_snapkv.integration import plugin
 
     cases = [
         (dict(cache_config=SimpleNamespace(cache_dtype="fp8", block_size=16)), "kv-cache-dtype fp8"),
@@ -598,7 +598,7 @@ def test_plugin_refuses_what_cuda_cannot_do(fake_cuda) -> None:
 
 
 def test_plugin_asks_for_the_v1_model_runner(fake_cuda, monkeypatch) -> None:
-    from vllm_snapkv import plugin
+    from vllm_snapkv.integration import plugin
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     plugin._prepare_engine_env()
@@ -612,7 +612,7 @@ def test_plugin_asks_for_the_v1_model_runner(fake_cuda, monkeypatch) -> None:
 def test_other_platforms_are_refused(monkeypatch) -> None:
     import vllm.platforms
 
-    from vllm_snapkv import plugin
+    from vllm_snapkv.integration import plugin
 
     class _Rocm(_FakeCuda):
         def is_cuda(self) -> bool:
@@ -624,17 +624,17 @@ def test_other_platforms_are_refused(monkeypatch) -> None:
 
 
 def test_worker_module_is_lazy_and_gpu_classes_resolve() -> None:
-    code = ("import sys, vllm_snapkv.worker as w\n"
+    code = ("import sys, vllm_snapkv.integration.worker as w\n"
             "assert 'vllm.v1.worker.cpu_worker' not in sys.modules\n"
             "from vllm.utils.import_utils import resolve_obj_by_qualname as r\n"
-            "g = r('vllm_snapkv.worker.SnapKVGPUWorker')\n"
+            "g = r('vllm_snapkv.integration.worker.SnapKVGPUWorker')\n"
             "m = w.SnapKVGPUModelRunner\n"
             "assert 'vllm.v1.worker.cpu_worker' not in sys.modules\n"
             "from vllm.v1.worker.gpu_worker import Worker\n"
             "from vllm.v1.worker.gpu_model_runner import GPUModelRunner\n"
             "assert issubclass(g, w.SnapKVWorkerMixin) and issubclass(g, Worker)\n"
             "assert m.__mro__[1:3] == (w.SnapKVModelRunnerMixin, GPUModelRunner)\n"
-            "assert g.__module__ == 'vllm_snapkv.worker' and m.__qualname__ == "
+            "assert g.__module__ == 'vllm_snapkv.integration.worker' and m.__qualname__ == "
             "'SnapKVGPUModelRunner'\n"
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -643,7 +643,7 @@ def test_worker_module_is_lazy_and_gpu_classes_resolve() -> None:
 
 
 def test_cpu_classes_keep_their_names() -> None:
-    from vllm_snapkv import worker
+    from vllm_snapkv.integration import worker
 
     assert worker.SnapKVCPUWorker.__name__ == "SnapKVCPUWorker"
     assert worker.SnapKVCPUModelRunner.__mro__[1] is worker.SnapKVModelRunnerMixin
@@ -655,7 +655,7 @@ def test_gpu_worker_points_a_bypassed_config_at_custom() -> None:
     from vllm.config import AttentionConfig
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from vllm_snapkv import worker
+    from vllm_snapkv.integration import worker
 
     cfg = SimpleNamespace(attention_config=AttentionConfig())
     worker._require_custom_backend(cfg)
@@ -724,7 +724,7 @@ def test_engine_on_gpu(tiny_path) -> None:
 def test_parallel_refusal_rule() -> None:
     """TP up to the KV-head count runs (each rank owns whole GQA groups); more ranks than KV
     heads (replicated heads) are refused, naming the flag; pipeline stages run."""
-    from vllm_snapkv.plugin import parallel_refusal
+    from vllm_snapkv.integration.plugin import parallel_refusal
 
     for tp, heads in ((1, 1), (2, 2), (2, 8), (4, 4), (8, 8)):
         for pp in (1, 2, 4):

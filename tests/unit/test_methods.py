@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vllm_snapkv import select_tokens
-from vllm_snapkv.cli import add_cli_args
+from vllm_snapkv.integration.cli import add_cli_args
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.methods import (
     Method,
@@ -99,13 +99,13 @@ def toy_method():
         paper = "arXiv:0000.00000"
         uses_queries = False
 
-        def score(self, keys, queries, settings, **_):
-            n = keys.shape[1] - settings.window
+        def score(self, keys, values, queries, *, window, **_):
+            n = keys.shape[1] - window
             return (torch.arange(n) % 2 == 0).float().expand(keys.shape[0], n)
 
     yield EveryOther
     del base._REGISTRY["everyother"]
-    base._INSTANCES.pop("everyother", None)
+    base._method.cache_clear()
 
 
 def test_a_registered_method_is_selectable_everywhere(toy_method) -> None:

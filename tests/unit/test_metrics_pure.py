@@ -17,6 +17,7 @@ from dense_kv import DenseAccessor
 from prometheus_client import CollectorRegistry
 
 from vllm_snapkv import metrics
+from vllm_snapkv.integration import kv_transfer, prometheus
 from vllm_snapkv.schedule import Schedule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,11 +87,11 @@ def test_aggregate_sums_counts_concats_and_takes_max_time() -> None:
     assert out["freed"] == {"prompt": 21, "decode": 2}
     assert out["selection_s"] == {"r1": {"0": 0.7}, "r2": {"0": 0.1}}
     assert out["blocks_saved"] == 7
-    stats = metrics.SnapKVStats(data=a).aggregate(metrics.SnapKVStats(data=b))
+    stats = prometheus.SnapKVStats(data=a).aggregate(prometheus.SnapKVStats(data=b))
     red = stats.reduce()
     assert red["SnapKV compressed"] == 2 and red["skipped"] == 4 and red["freed blocks"] == 23
     assert red["kept ratio"] == pytest.approx(2100 / 5000, abs=1e-4)
-    assert metrics.SnapKVStats().is_empty() and not stats.is_empty()
+    assert prometheus.SnapKVStats().is_empty() and not stats.is_empty()
 
 
 def test_recorder_counts_each_compaction_and_request_once_and_tracks_the_gauge() -> None:
@@ -101,22 +102,22 @@ def test_recorder_counts_each_compaction_and_request_once_and_tracks_the_gauge()
     first = list(p.compactions(2500))
     rec.compacted("a", first, 128)
     rec.compacted("a", first, 128)  # the same compaction again: not counted twice
-    data = rec.take().data
+    data = rec.take()
     assert data["evicted"] == {"prompt": 1408} and data["freed"] == {"prompt": 11}
     assert data["blocks_saved"] == 11 and data["compressed"] == []
     rec.released("a")  # preempted
-    assert rec.take().data["blocks_saved"] == 0
+    assert rec.take()["blocks_saved"] == 0
     rec.compacted("a", first, 128)  # recomputed: compacted again, counted once
-    assert rec.take().data == {**metrics.empty_data(), "blocks_saved": 11}
+    assert rec.take() == {**metrics.empty_data(), "blocks_saved": 11}
     more = list(p.compactions(3000))[1:]
     rec.compacted("a", more, 128)
-    data = rec.take().data
+    data = rec.take()
     assert data["evicted"] == {"decode": sum(c.evicted - c.prior for c in more)}
     assert rec.progress("a") == more[-1].at
     summary = metrics.request_summary(2500, p, rec.progress("a"), 3000)
     rec.finished("a", summary, None)
     rec.finished("b", metrics.request_summary(10, None, 0, 20), metrics.SKIP_OPTED_OUT)
-    data = rec.take().data
+    data = rec.take()
     assert data["compressed"] == [[2500, 1092, "snapkv", 1 + len(more)]]
     assert data["blocks_saved"] == 0 and data["skipped"] == {"opted_out": 1}
     assert rec.progress("a") == 0
@@ -127,30 +128,30 @@ PROBE = {"kv_connector": "ProbeConnector", "kv_connector_module_path": "probe_co
 
 
 def test_composition_of_kv_transfer_config() -> None:
-    alone = metrics.composed_kv_transfer_config(None)
+    alone = kv_transfer.composed_kv_transfer_config(None)
     assert alone["kv_connector"] == "SnapKVConnector" and alone["kv_role"] == "kv_both"
     user = {**PROBE, "kv_connector_extra_config": {"log_dir": "/tmp/x"}}
-    multi = metrics.composed_kv_transfer_config(user)
+    multi = kv_transfer.composed_kv_transfer_config(user)
     assert multi["kv_connector"] == "MultiConnector"
     children = multi["kv_connector_extra_config"]["connectors"]
     assert children[0] == user and children[1]["kv_connector"] == "SnapKVConnector"
     # Idempotent, and an existing MultiConnector gets SnapKV appended once.
-    assert metrics.composed_kv_transfer_config(multi) == multi
+    assert kv_transfer.composed_kv_transfer_config(multi) == multi
     with pytest.raises(ValueError, match="no kv_connector"):
-        metrics.composed_kv_transfer_config({"kv_role": "kv_both"})
+        kv_transfer.composed_kv_transfer_config({"kv_role": "kv_both"})
 
 
 def test_wire_composes_your_own_connector(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
-    monkeypatch.setenv(metrics.CPU_RESERVED_ENV, "1")
+    monkeypatch.setenv(kv_transfer.CPU_RESERVED_ENV, "1")
     args = EngineArgs(model="x")
-    metrics.wire(args)
+    kv_transfer.wire(args)
     assert isinstance(args.kv_transfer_config, KVTransferConfig)
     assert args.kv_transfer_config.has_connector("SnapKVConnector")
     args = EngineArgs(model="x", kv_transfer_config=KVTransferConfig(**PROBE))
-    metrics.wire(args)
+    kv_transfer.wire(args)
     assert args.kv_transfer_config.kv_connector == "MultiConnector"
     assert args.kv_transfer_config.has_connector("ProbeConnector")
     assert args.kv_transfer_config.has_connector("SnapKVConnector")
@@ -164,15 +165,15 @@ def test_our_connector_keeps_vanillas_cpu_core_reservation(monkeypatch: pytest.M
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
-    monkeypatch.delenv(metrics.CPU_RESERVED_ENV, raising=False)
-    metrics.wire(EngineArgs(model="x", tensor_parallel_size=2))
-    assert os.environ[metrics.CPU_RESERVED_ENV] == "2"
-    monkeypatch.setenv(metrics.CPU_RESERVED_ENV, "3")
-    metrics.wire(EngineArgs(model="x"))
-    assert os.environ[metrics.CPU_RESERVED_ENV] == "3"
-    monkeypatch.delenv(metrics.CPU_RESERVED_ENV)
-    metrics.wire(EngineArgs(model="x", kv_transfer_config=KVTransferConfig(**PROBE)))
-    assert metrics.CPU_RESERVED_ENV not in os.environ
+    monkeypatch.delenv(kv_transfer.CPU_RESERVED_ENV, raising=False)
+    kv_transfer.wire(EngineArgs(model="x", tensor_parallel_size=2))
+    assert os.environ[kv_transfer.CPU_RESERVED_ENV] == "2"
+    monkeypatch.setenv(kv_transfer.CPU_RESERVED_ENV, "3")
+    kv_transfer.wire(EngineArgs(model="x"))
+    assert os.environ[kv_transfer.CPU_RESERVED_ENV] == "3"
+    monkeypatch.delenv(kv_transfer.CPU_RESERVED_ENV)
+    kv_transfer.wire(EngineArgs(model="x", kv_transfer_config=KVTransferConfig(**PROBE)))
+    assert kv_transfer.CPU_RESERVED_ENV not in os.environ
 
 
 @pytest.mark.parametrize("user", [
@@ -194,14 +195,14 @@ def test_connectors_that_move_kv_are_refused(user: dict) -> None:
     with pytest.raises(ValueError, match=r"^--kv-transfer-config with \w+ \((implements|its "
                                          r"class could not be loaded).* cannot be combined "
                                          r"with --kv-compression: "):
-        metrics.wire(args)
+        kv_transfer.wire(args)
 
 
 def test_a_connector_judged_by_its_hooks_not_its_name(tmp_path, monkeypatch) -> None:
     """A connector of your own named like nothing vLLM ships is refused when it implements a
     KV-moving hook, and accepted when it inherits them from NoTransferConnector."""
     (tmp_path / "my_conns.py").write_text(
-        "from vllm_snapkv.metrics_connector import NoTransferConnector\n"
+        "from vllm_snapkv.integration.connector import NoTransferConnector\n"
         "class Saver(NoTransferConnector):\n"
         "    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kw):\n"
         "        pass\n"
@@ -211,16 +212,16 @@ def test_a_connector_judged_by_its_hooks_not_its_name(tmp_path, monkeypatch) -> 
     monkeypatch.syspath_prepend(str(tmp_path))
     saver = {"kv_connector": "Saver", "kv_connector_module_path": "my_conns"}
     watcher = {"kv_connector": "Watcher", "kv_connector_module_path": "my_conns"}
-    assert metrics.moves_kv(saver) == "Saver (implements save_kv_layer)"
-    assert metrics.moves_kv(watcher) is None
-    assert metrics.moves_kv({"kv_connector": "SnapKVConnector"}) is None
+    assert kv_transfer.moves_kv(saver) == "Saver (implements save_kv_layer)"
+    assert kv_transfer.moves_kv(watcher) is None
+    assert kv_transfer.moves_kv({"kv_connector": "SnapKVConnector"}) is None
 
 
 def test_kv_offloading_is_refused() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     with pytest.raises(ValueError, match="^--kv-offloading-size cannot be combined"):
-        metrics.wire(EngineArgs(model="x", kv_offloading_size=4.0))
+        kv_transfer.wire(EngineArgs(model="x", kv_offloading_size=4.0))
 
 
 def test_selection_timer_observes_every_compaction() -> None:
@@ -245,7 +246,7 @@ def test_selection_timer_observes_every_compaction() -> None:
     for layer in ("layer0", "layer1"):
         compaction.compact(row, c, torch.randn(n, hq, d, generator=gen), torch.empty(0),
                            torch.empty(0), DenseAccessor(keys, values), state, layer)
-    times = timer.take(stage=1).data["selection_s"]
+    times = timer.take(stage=1)["selection_s"]
     assert list(times) == ["timed"] and list(times["timed"]) == ["1"]
     assert 0 < times["timed"]["1"] < 10
     assert timer.take() is None
@@ -263,7 +264,7 @@ def test_selection_time_is_max_within_a_stage_and_sum_over_stages() -> None:
         for stage, t in order:
             acc = metrics.aggregate_data(acc, {"selection_s": {"r": {stage: t}}})
         assert metrics.selection_seconds(acc) == {"r": pytest.approx(want)}
-        red = metrics.SnapKVStats(data=acc).reduce()
+        red = prometheus.SnapKVStats(data=acc).reduce()
         assert red["avg selection ms"] == pytest.approx(1000 * want, abs=0.01)
 
 
@@ -271,7 +272,7 @@ def test_prom_metrics_observe() -> None:
     reg = CollectorRegistry()
     kinds = {cls: functools.partial(cls, registry=reg) for cls in
              (prometheus_client.Gauge, prometheus_client.Counter, prometheus_client.Histogram)}
-    prom = metrics.SnapKVPromMetrics(_Cfg(), kinds, ["model_name", "engine"],
+    prom = prometheus.SnapKVPromMetrics(_Cfg(), kinds, ["model_name", "engine"],
                                      {0: ["m", "0"]})
     prom.observe({"compressed": [[2000, 1000, "snapkv", 1], [4000, 1000, "keydiff", 4]],
                   "evicted": {"prompt": 4000, "decode": 512}, "freed": {"prompt": 30,

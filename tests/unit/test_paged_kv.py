@@ -32,6 +32,9 @@ from vllm_snapkv.paged_kv import (  # noqa: E402
     write_kv,
 )
 
+#: The kernel whose layout is probed: vLLM's own CPU write op.
+WRITE = ops.cpu_attn_reshape_and_cache
+
 #: (dtype, head_size, block_size, isa or None = what vLLM's `_get_attn_isa` picks here).
 CONFIGS = [
     (dt, d, bs, None)
@@ -55,7 +58,7 @@ def _isa(dtype: torch.dtype, block_size: int, head_size: int, isa: str | None) -
 
 def _layout(dtype, head_size, block_size, isa) -> tuple[TokenLayout, str]:
     isa = _isa(dtype, block_size, head_size, isa)
-    return probe_cpu_layout(head_size, block_size, dtype, isa), isa
+    return probe_cpu_layout(WRITE, head_size, block_size, dtype, isa), isa
 
 
 class _Accessor:
@@ -210,9 +213,9 @@ def test_probe_finds_known_amx_layout(dt: torch.dtype, d: int, bs: int) -> None:
 
 
 def test_probe_is_cached_and_layout_for_cache() -> None:
-    a = probe_cpu_layout(64, 32, torch.float32, "vec")
-    assert probe_cpu_layout(64, 32, torch.float32, "vec") is a
-    assert layout_for_cache(torch.zeros(2, 3, 32, 128), "vec") is a
+    a = probe_cpu_layout(WRITE, 64, 32, torch.float32, "vec")
+    assert probe_cpu_layout(WRITE, 64, 32, torch.float32, "vec") is a
+    assert layout_for_cache(WRITE, torch.zeros(2, 3, 32, 128), "vec") is a
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,7 +376,7 @@ def test_compact_identity_moves_nothing() -> None:
 
 def _amx_layout(dt: torch.dtype, d: int, bs: int, require_generic: bool = True) -> TokenLayout:
     try:
-        layout = probe_cpu_layout(d, bs, dt, "amx")
+        layout = probe_cpu_layout(WRITE, d, bs, dt, "amx")
     except Exception as exc:  # a vLLM build compiled without the AMX kernel refuses "amx"
         pytest.skip(f"this vLLM build has no amx write op: {exc}")
     if require_generic and layout.k_affine is not None and layout.v_affine is not None:
@@ -429,7 +432,7 @@ def test_works_on_a_view_of_a_larger_allocation() -> None:
 
 
 def test_argument_checks() -> None:
-    layout = probe_cpu_layout(64, 32, torch.float32, "vec")
+    layout = probe_cpu_layout(WRITE, 64, 32, torch.float32, "vec")
     kv = torch.zeros(4, 2, 32, 128)
     block_ids = torch.tensor([2, 0])
     with pytest.raises(ValueError):

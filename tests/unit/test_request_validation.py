@@ -9,7 +9,7 @@ import pytest
 
 from vllm_snapkv import capacity
 from vllm_snapkv.config import CompressionConfig
-from vllm_snapkv.request_validation import check_request
+from vllm_snapkv.integration.request_validation import check_request
 
 VLLMValidationError = pytest.importorskip("vllm.exceptions").VLLMValidationError
 

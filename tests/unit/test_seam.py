@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.integration import seam
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "vllm_snapkv"
@@ -95,11 +95,11 @@ def test_startup_stops_naming_the_hook_and_the_version(tiny_path) -> None:
     """A vLLM lacking a hook stops ``create_engine_config`` (every way of starting an engine)
     before anything else happens, with a message that names it and the installed version."""
     code = f"""
-import vllm_snapkv.vllm_seam as seam
+import vllm_snapkv.integration.seam as seam
 seam.HOOKS = seam.HOOKS + (seam.Hook("Scheduler.gone", "vllm.v1.core.sched.scheduler",
                                      "Scheduler.gone", "method", why="a test"),)
 seam._BY_NAME = {{h.name: h for h in seam.HOOKS}}
-from vllm_snapkv import plugin
+from vllm_snapkv.integration import plugin
 plugin.register()
 from vllm.engine.arg_utils import EngineArgs
 args = EngineArgs(model={str(tiny_path)!r}, additional_config={{"kv_compression": "snapkv"}})
@@ -120,7 +120,7 @@ else:
 def test_only_the_seam_imports_vllm() -> None:
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "vllm_seam.py":
+        if path.relative_to(PACKAGE).as_posix() == "integration/seam.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
@@ -145,9 +145,9 @@ def _overrides(cls: type, base: type) -> set[str]:
 
 
 def test_every_overridden_vllm_method_is_a_hook() -> None:
-    from vllm_snapkv import scheduler, worker
-    from vllm_snapkv.backends import cpu, cuda
-    from vllm_snapkv.kv_cache import SnapKVAttentionSpec, SnapKVFullAttentionManager
+    from vllm_snapkv.integration import scheduler, worker
+    from vllm_snapkv.integration import attention_cpu as cpu, attention_cuda as cuda
+    from vllm_snapkv.integration.kv_cache import SnapKVAttentionSpec, SnapKVFullAttentionManager
 
     targets = {h.target for h in seam.HOOKS}
     cases = [

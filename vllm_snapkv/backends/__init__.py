@@ -10,13 +10,9 @@ Backend-agnostic, no cache layout:
 * :mod:`.state` — what one model runner remembers between steps;
 * :mod:`.debug` — the exactness oracle (off the hot path).
 
-Layout-specific adapters: :mod:`.cpu` (vLLM's ``CPU_ATTN``, layout probed from the kernel's own
-write op) and :mod:`.cuda` (FlashAttention, registered as ``CUSTOM``).
+The layout-specific adapters that subclass vLLM's attention backends live in the integration
+layer: :mod:`vllm_snapkv.integration.attention_cpu` (vLLM's ``CPU_ATTN``) and
+:mod:`vllm_snapkv.integration.attention_cuda` (FlashAttention, registered as ``CUSTOM``).
 
-Importing this package imports neither vLLM nor the adapters.
+Importing this package imports no vLLM (``tests/unit/test_boundary.py``).
 """
-
-#: Dotted path of the CPU backend class, as ``register_backend`` wants it.
-CPU_BACKEND_PATH = "vllm_snapkv.backends.cpu.SnapKVCPUBackend"
-#: Dotted path of the CUDA backend class, registered as ``AttentionBackendEnum.CUSTOM``.
-CUDA_BACKEND_PATH = "vllm_snapkv.backends.cuda.SnapKVFlashAttentionBackend"

@@ -147,7 +147,8 @@ def compact(row: RowPlan, c: Compaction, query: torch.Tensor, kv_cache: torch.Te
                            FALLBACK_METHOD)
             method = FALLBACK_METHOD
     t0 = time.perf_counter()
-    kept = select_tokens_with_settings(q_win, keys, row.settings, keep=c.kept, method=method)
+    kept = select_tokens_with_settings(q_win, keys, row.settings, keep=c.kept, method=method,
+                                       values=values)
     if _SELECTION_OBSERVERS:
         seconds = time.perf_counter() - t0
         for observer in _SELECTION_OBSERVERS:

@@ -1,8 +1,9 @@
 """The compression methods, one module each, found automatically.
 
 Every module in this package is imported when the package is, so a module that defines a
-:class:`~vllm_snapkv.methods.base.Method` subclass decorated with
-:func:`~vllm_snapkv.methods.base.register_method` is all a new method needs:
+:class:`~vllm_snapkv.methods.base.Method` dataclass decorated with
+:func:`~vllm_snapkv.methods.base.register_method` is all a new method needs (another package
+declares its module in the entry-point group ``vllm_snapkv.methods`` instead):
 
 * :mod:`~vllm_snapkv.methods.snapkv` — SnapKV: the observation window's pooled attention.
 * :mod:`~vllm_snapkv.methods.recency` — StreamingLLM's sinks + most recent tokens (baseline).
@@ -17,14 +18,19 @@ import importlib
 import pkgutil
 
 from vllm_snapkv.methods.base import (
+    ENTRY_POINT_GROUP,
     Method,
+    check_choice,
+    check_int,
     get_method,
     method_names,
+    method_parameters,
     register_method,
     registered_methods,
 )
 
-__all__ = ["Method", "get_method", "method_names", "register_method", "registered_methods"]
+__all__ = ["ENTRY_POINT_GROUP", "Method", "check_choice", "check_int", "get_method",
+           "method_names", "method_parameters", "register_method", "registered_methods"]
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":

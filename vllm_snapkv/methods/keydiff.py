@@ -10,6 +10,8 @@ arrived (kvpress ships it as ``KeyDiffPress``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -17,14 +19,15 @@ from vllm_snapkv.methods.base import Method, register_method
 
 
 @register_method
+@dataclass(frozen=True)
 class KeyDiff(Method):
     name = "keydiff"
     summary = "KeyDiff: keys least similar to the mean key direction (query-agnostic)"
     paper = "arXiv:2504.15364"
     uses_queries = False
 
-    def score(self, keys, queries, settings, *, score_dtype=torch.float32, **_):
+    def score(self, keys, values, queries, *, window, score_dtype=torch.float32, **_):
         k = keys.to(score_dtype)
         anchor = F.normalize(k, dim=-1).mean(dim=1, keepdim=True)  # [Hkv, 1, D]
         scores = -F.cosine_similarity(k, anchor, dim=-1)  # [Hkv, L]
-        return scores[:, : keys.shape[1] - settings.window]
+        return scores[:, : keys.shape[1] - window]

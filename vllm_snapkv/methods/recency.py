@@ -9,12 +9,15 @@ position alone. Four sinks unless ``--snapkv-sink`` says otherwise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vllm_snapkv.methods.base import Method, register_method
 
 
 @register_method
+@dataclass(frozen=True)
 class Recency(Method):
     name = "recency"
     summary = "StreamingLLM baseline: sinks (4 unless --snapkv-sink) + the most recent tokens"
@@ -22,7 +25,7 @@ class Recency(Method):
     uses_queries = False
     default_sink = 4
 
-    def score(self, keys, queries, settings, **_):
+    def score(self, keys, values, queries, *, window, **_):
         # Each position's own index: the most recent win.
-        hkv, length = keys.shape[0], keys.shape[1] - settings.window
+        hkv, length = keys.shape[0], keys.shape[1] - window
         return torch.arange(length, device=keys.device, dtype=torch.float32).expand(hkv, length)

@@ -19,18 +19,30 @@ window as each tile is produced — so the extra memory is ``O(Hq·w·tile + Hq�
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from vllm_snapkv.methods.base import Method, register_method
+from vllm_snapkv.methods.base import Method, check_choice, check_int, register_method
 
-if TYPE_CHECKING:
-    from vllm_snapkv.settings import SnapKVSettings
+__all__ = ["DEFAULT_GQA_AGGREGATION", "DEFAULT_KERNEL", "DEFAULT_POOLING", "DEFAULT_REDUCTION",
+           "DEFAULT_TILE_ELEMENTS", "GQA_AGGREGATIONS", "MIN_TILE_SIZE", "POOLINGS", "REDUCTIONS",
+           "SnapKV", "resolve_tile_size", "window_scores"]
 
-__all__ = ["DEFAULT_TILE_ELEMENTS", "MIN_TILE_SIZE", "SnapKV", "resolve_tile_size",
-           "window_scores"]
+#: Defaults (``docs/selection.md``, "Why these defaults"): kernel 15 is wider than the paper's 5/7
+#: on purpose: on SmolLM2, which spells numbers digit by digit, a 7-wide pooling lost multi-digit
+#: needles (0/8 at budget 512) where 15 kept them (8/8). The window queries' probabilities are
+#: summed as the reference does (ranking-equivalent to the mean); a KV head's query group is
+#: averaged as kvpress does.
+DEFAULT_KERNEL = 15
+DEFAULT_POOLING = "avg"
+DEFAULT_REDUCTION = "sum"
+DEFAULT_GQA_AGGREGATION = "mean"
+POOLINGS: tuple[str, ...] = ("avg", "max")
+REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+GQA_AGGREGATIONS: tuple[str, ...] = ("mean", "max")
 
 #: Default working-set bound for one score tile: ``Hq * w * tile`` elements (16 MiB in fp32).
 #: For SmolLM2 shapes (Hq=9, w=32) that is a tile of ~14.5K keys, so prompts up to that length
@@ -42,6 +54,7 @@ MIN_TILE_SIZE = 512
 
 
 @register_method
+@dataclass(frozen=True)
 class SnapKV(Method):
     name = "snapkv"
     summary = ("SnapKV: the observation window's pooled attention picks what each KV head "
@@ -49,9 +62,29 @@ class SnapKV(Method):
     paper = "arXiv:2404.14469"
     uses_queries = True
 
-    def score(self, keys, queries, settings, *, tile_size=None, score_dtype=torch.float32):
-        return window_scores(queries, keys, settings, tile_size=tile_size,
-                             score_dtype=score_dtype)
+    kernel: int = field(default=DEFAULT_KERNEL, metadata={
+        "help": f"SnapKV: odd width of the 1-D pooling that smooths scores along the prompt. "
+                f"Default {DEFAULT_KERNEL}."})
+    pooling: str = field(default=DEFAULT_POOLING, metadata={
+        "choices": POOLINGS, "help": f"SnapKV: pooling kind. Default {DEFAULT_POOLING}."})
+    reduction: str = field(default=DEFAULT_REDUCTION, metadata={
+        "choices": REDUCTIONS,
+        "help": f"SnapKV: how window queries' attention combines. Default {DEFAULT_REDUCTION}."})
+    gqa_aggregation: str = field(default=DEFAULT_GQA_AGGREGATION, metadata={
+        "choices": GQA_AGGREGATIONS,
+        "help": "SnapKV: how a KV head's query group combines (selection is per KV head). "
+                f"Default {DEFAULT_GQA_AGGREGATION}."})
+
+    def __post_init__(self) -> None:
+        check_int("kernel", self.kernel, minimum=1, odd=True)
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_choice("gqa_aggregation", self.gqa_aggregation, GQA_AGGREGATIONS)
+        object.__setattr__(self, "kernel", int(self.kernel))
+
+    def score(self, keys, values, queries, *, window, tile_size=None, score_dtype=torch.float32):
+        return _window_scores(queries, keys, window, self, tile_size=tile_size,
+                              score_dtype=score_dtype)
 
 
 def resolve_tile_size(num_query_heads: int, window: int, tile_size: int | None) -> int:
@@ -129,7 +162,7 @@ def _causal_window_mask(window: int, dtype: torch.dtype, device: torch.device) -
 def window_scores(
     queries: torch.Tensor,
     keys: torch.Tensor,
-    settings: SnapKVSettings,
+    settings: Any,
     *,
     tile_size: int | None = None,
     score_dtype: torch.dtype = torch.float32,
@@ -139,7 +172,8 @@ def window_scores(
     Args:
         queries: [Hq, w, d] post-RoPE queries of the last ``w = settings.window`` prompt positions.
         keys: [Hkv, N, d] post-RoPE keys of the whole prompt (N > w).
-        settings: window, kernel, pooling, reduction and GQA aggregation are read from it.
+        settings: anything with ``window``, ``kernel``, ``pooling``, ``reduction`` and
+            ``gqa_aggregation`` (a :class:`~vllm_snapkv.settings.SnapKVSettings`).
         tile_size: keys per tile. ``N <= tile_size`` takes the single-pass path (one
             ``[Hq, w, N]`` score tensor); longer prompts take the two-pass tiled path whose extra
             memory is ``O(Hq·w·tile_size + Hq·N)``. ``None``: ``DEFAULT_TILE_ELEMENTS // (Hq·w)``
@@ -150,7 +184,12 @@ def window_scores(
     Returns:
         [Hkv, N - w] tensor of ``score_dtype``; higher means more important.
     """
-    window = settings.window
+    return _window_scores(queries, keys, settings.window, settings, tile_size=tile_size,
+                          score_dtype=score_dtype)
+
+
+def _window_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, p: Any, *,
+                   tile_size: int | None, score_dtype: torch.dtype) -> torch.Tensor:
     group, n = _check_inputs(queries, keys, window)
     hq, _, d = queries.shape
     hkv = keys.shape[0]
@@ -160,10 +199,10 @@ def window_scores(
         hkv=hkv,
         group=group,
         window=window,
-        kernel=settings.kernel,
-        pooling=settings.pooling,
-        reduction=settings.reduction,
-        gqa_aggregation=settings.gqa_aggregation,
+        kernel=p.kernel,
+        pooling=p.pooling,
+        reduction=p.reduction,
+        gqa_aggregation=p.gqa_aggregation,
     )
     # Grouped queries: [Hkv, G*w, d] so that each KV head's keys are used by its whole query group
     # in one matmul, without repeat_kv's [Hq, N, d] copy of the keys.

@@ -11,7 +11,7 @@ methods:
   message naming the flag;
 * ``create_engine_config`` — for every way of starting an engine (CLI, ``LLM(...)``, YAML),
   validates ``additional_config`` and, when compression is on, checks the vLLM internals the
-  plugin relies on (:func:`vllm_snapkv.vllm_seam.verify`) and wires in what it needs (the
+  plugin relies on (:func:`vllm_snapkv.integration.seam.verify`) and wires in what it needs (the
   per-request checks, the scheduler and the worker, the metrics connector, the summary in
   streaming responses), so the user types nothing but the flags.
 """
@@ -23,8 +23,8 @@ import logging
 import os
 from typing import Any
 
-from vllm_snapkv import cli, request_validation, streaming
-from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.integration import cli, request_validation, streaming
+from vllm_snapkv.integration import seam
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.settings import SettingsError
 
@@ -36,10 +36,10 @@ _CLI_ARGS: set[int] = set()
 
 #: vLLM's CPU worker (what ``worker_cls="auto"`` resolves to on CPU) and the plugin's subclass.
 CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
-WORKER = "vllm_snapkv.worker.SnapKVCPUWorker"
+WORKER = "vllm_snapkv.integration.worker.SnapKVCPUWorker"
 #: The same on CUDA.
 GPU_WORKER = "vllm.v1.worker.gpu_worker.Worker"
-CUDA_WORKER = "vllm_snapkv.worker.SnapKVGPUWorker"
+CUDA_WORKER = "vllm_snapkv.integration.worker.SnapKVGPUWorker"
 #: vLLM's switch between the V1 model runner and Model Runner V2 (``config/vllm.py``).
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
@@ -53,9 +53,9 @@ def _wire_engine_args(engine_args: Any) -> CompressionConfig:
                 f"--kv-compression snapkv brings its own scheduler; it cannot be combined with "
                 f"--scheduler-cls {engine_args.scheduler_cls}"
             )
-        from vllm_snapkv import metrics
+        from vllm_snapkv.integration import kv_transfer
 
-        metrics.wire(engine_args)  # the SnapKV metrics connector (composed with the user's)
+        kv_transfer.wire(engine_args)  # the SnapKV metrics connector (composed with the user's)
     return config
 
 
@@ -79,7 +79,7 @@ def _prepare_engine_env() -> None:
 
 def _wire_vllm_config(vllm_config: Any) -> None:
     """Point the engine at the plugin's scheduler, worker and (CUDA) attention backend."""
-    from vllm_snapkv.scheduler import scheduler_class_for
+    from vllm_snapkv.integration.scheduler import scheduler_class_for
 
     current_platform = seam.get("current_platform")
     try:
@@ -152,7 +152,7 @@ def _wire_cuda(vllm_config: Any) -> None:
     """CUDA: FlashAttention-based ``CUSTOM`` backend, unquantized KV cache, V1 model runner.
 
     Not run on a GPU yet (``docs/cuda.md``)."""
-    from vllm_snapkv.worker import install_cuda_backend
+    from vllm_snapkv.integration.worker import install_cuda_backend
 
     AttentionBackendEnum = seam.get("AttentionBackendEnum")
 
@@ -252,10 +252,10 @@ def _patch_engine_args() -> None:
         except SettingsError as err:
             raise cli.startup_error(err) from None
         if config.enabled:
-            from vllm_snapkv import metrics
+            from vllm_snapkv.integration import kv_transfer
 
             try:
-                metrics.check_kv_transfer(engine_args)
+                kv_transfer.check_kv_transfer(engine_args)
             except ValueError as err:
                 raise SystemExit(f"vllm serve: error: {err}") from None
         # Spawned API servers (--api-server-count > 1) rebuild EngineArgs from this Namespace

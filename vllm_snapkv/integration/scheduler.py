@@ -3,7 +3,7 @@
 Each request's :class:`~vllm_snapkv.schedule.Schedule` is computed once, when the request is
 added, from (prompt length, block size, the request's ``extra_args``) — the same pure function
 the workers evaluate, so both sides agree on every compaction without talking. The SnapKV
-KV-cache managers (:mod:`vllm_snapkv.kv_cache`) read it to free evicted blocks and to keep
+KV-cache managers (:mod:`vllm_snapkv.integration.kv_cache`) read it to free evicted blocks and to keep
 rewritten blocks out of the prefix cache. The scheduler itself overrides three decisions, each in
 one small method:
 
@@ -32,9 +32,9 @@ import logging
 from typing import Any
 
 from vllm_snapkv import metrics
-from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.integration import kv_transfer, seam
 from vllm_snapkv.config import CompressionConfig
-from vllm_snapkv.kv_cache import SnapKVFullAttentionManager, register_spec
+from vllm_snapkv.integration.kv_cache import SnapKVFullAttentionManager, register_spec
 from vllm_snapkv.schedule import Compaction, Schedule
 from vllm_snapkv.settings import SettingsError
 
@@ -55,7 +55,7 @@ class SnapKVSchedulerMixin:
         self.snapkv_config = CompressionConfig.from_vllm_config(self.vllm_config)
         self.snapkv_schedules = {}
         self.snapkv_recorder = metrics.StatsRecorder()
-        connector = metrics.find_connector(getattr(self, "connector", None))
+        connector = kv_transfer.find_connector(getattr(self, "connector", None))
         if connector is not None:
             connector.recorder = self.snapkv_recorder
         else:

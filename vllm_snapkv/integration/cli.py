@@ -20,15 +20,12 @@ import logging
 from typing import Any
 
 from vllm_snapkv.config import METHOD_KEY, OFF, SETTINGS_KEY, CompressionConfig, methods
-from vllm_snapkv.methods import registered_methods
+from vllm_snapkv.methods import method_parameters, registered_methods
 from vllm_snapkv.settings import (
     DEFAULT_DECODE_INTERVAL,
     DEFAULT_PREFILL_INTERVAL,
     DEFAULT_PREFILL_METHOD,
-    GQA_AGGREGATIONS,
-    POOLINGS,
     PRESETS,
-    REDUCTIONS,
     SettingsError,
 )
 
@@ -56,12 +53,6 @@ _SETTING_FLAGS: tuple[tuple[str, type, tuple[str, ...] | None, str], ...] = (
     ("window", int, None,
      "Observation window: the last prompt tokens whose queries score the prompt; always kept. "
      "Default 32."),
-    ("kernel", int, None,
-     "Odd width of the 1-D pooling that smooths scores along the prompt. Default 15."),
-    ("pooling", str, POOLINGS, "Pooling kind. Default avg."),
-    ("reduction", str, REDUCTIONS, "How window queries' attention combines. Default sum."),
-    ("gqa-aggregation", str, GQA_AGGREGATIONS,
-     "How a KV head's query group combines (selection is per KV head). Default mean."),
     ("sink", int, None, "First prompt tokens always kept (inside the budget). Default 0."),
     ("min-prompt", int, None,
      "Prompts shorter than this many tokens are never compressed while read or at their end. "
@@ -93,6 +84,16 @@ def _dest(name: str) -> str:
     return "snapkv_" + name.replace("-", "_")
 
 
+def _flags() -> tuple[tuple[str, type, tuple[str, ...] | None, str], ...]:
+    """The general settings' rows, then one per registered method parameter (from its field:
+    type, ``metadata["choices"]``, ``metadata["help"]``)."""
+    params = tuple(
+        (name.replace("_", "-"), type(f.default) if f.default is not None else str,
+         f.metadata.get("choices"), f.metadata.get("help", ""))
+        for name, f in method_parameters().items())
+    return (*_SETTING_FLAGS, *params)
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the plugin's flag group to a ``vllm serve`` (or ``EngineArgs``) parser. Idempotent."""
     if any(g.title == GROUP_TITLE for g in parser._action_groups):
@@ -106,7 +107,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "vLLM. " + "; ".join(f"'{name}': {cls.summary} ({cls.paper})"
                                   for name, cls in registered_methods().items()) + ".",
     )
-    for name, typ, choices, text in _SETTING_FLAGS:
+    for name, typ, choices, text in _flags():
         if name == "prefill-method":
             choices = tuple(registered_methods())
         group.add_argument(f"--snapkv-{name}", dest=_dest(name), type=typ, choices=choices,
@@ -124,7 +125,7 @@ def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any]) -
     if method is not None:
         additional_config[METHOD_KEY] = method
     settings = dict(additional_config.get(SETTINGS_KEY) or {})
-    for name, *_ in _SETTING_FLAGS:
+    for name, *_ in _flags():
         value = getattr(args, _dest(name), None)
         if value is None:
             continue

@@ -1,16 +1,16 @@
 """The SnapKV workers: ``parallel_config.worker_cls`` is
 
-* ``"vllm_snapkv.worker.SnapKVCPUWorker"`` on vLLM's CPU platform, and
-* ``"vllm_snapkv.worker.SnapKVGPUWorker"`` on CUDA (not run on a GPU yet: ``docs/cuda.md``).
+* ``"vllm_snapkv.integration.worker.SnapKVCPUWorker"`` on vLLM's CPU platform, and
+* ``"vllm_snapkv.integration.worker.SnapKVGPUWorker"`` on CUDA (not run on a GPU yet: ``docs/cuda.md``).
 
 In the worker process each
 
 1. installs the SnapKV attention backend before the model is built: on CPU
-   :class:`vllm_snapkv.backends.cpu.SnapKVCPUBackend` in place of ``CPU_ATTN``
+   :class:`vllm_snapkv.integration.attention_cpu.SnapKVCPUBackend` in place of ``CPU_ATTN``
    (``register_backend``; the CPU platform always picks ``CPU_ATTN``); on CUDA
-   :class:`vllm_snapkv.backends.cuda.SnapKVFlashAttentionBackend` as ``CUSTOM`` (the plugin sets
+   :class:`vllm_snapkv.integration.attention_cuda.SnapKVFlashAttentionBackend` as ``CUSTOM`` (the plugin sets
    ``attention_config.backend = CUSTOM``), and
-2. registers the SnapKV KV-cache spec (:mod:`vllm_snapkv.kv_cache`), which the SnapKV backends
+2. registers the SnapKV KV-cache spec (:mod:`vllm_snapkv.integration.kv_cache`), which the SnapKV backends
    give every full-attention layer, and
 3. runs a model runner (:class:`SnapKVCPUModelRunner` / :class:`SnapKVGPUModelRunner`, both
    V1 model runners with :class:`SnapKVModelRunnerMixin`) that owns a
@@ -37,11 +37,15 @@ from typing import Any
 
 import torch
 
-from vllm_snapkv import vllm_seam as seam
-from vllm_snapkv.backends import CPU_BACKEND_PATH, CUDA_BACKEND_PATH
+from vllm_snapkv.integration import seam
 from vllm_snapkv.backends.plan import RowState
 from vllm_snapkv.backends.state import RunnerState
 from vllm_snapkv.config import CompressionConfig
+
+#: Dotted path of the CPU backend class, as ``register_backend`` wants it.
+CPU_BACKEND_PATH = "vllm_snapkv.integration.attention_cpu.SnapKVCPUBackend"
+#: Dotted path of the CUDA backend class, registered as ``AttentionBackendEnum.CUSTOM``.
+CUDA_BACKEND_PATH = "vllm_snapkv.integration.attention_cuda.SnapKVFlashAttentionBackend"
 
 logger = logging.getLogger("vllm_snapkv")
 
@@ -85,7 +89,7 @@ def install_cuda_backend() -> None:
 
 def _worker_setup(vllm_config) -> CompressionConfig:
     """What both workers do first: the engine's config and the SnapKV KV-cache spec."""
-    from vllm_snapkv.kv_cache import register_spec
+    from vllm_snapkv.integration.kv_cache import register_spec
 
     register_spec(vllm_config)
     return CompressionConfig.from_vllm_config(vllm_config)

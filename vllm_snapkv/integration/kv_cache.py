@@ -17,7 +17,7 @@ two overridden decisions:
   them. Blocks below it are never written after they were computed, so they stay valid
   prefix-cache entries after being freed.
 
-The manager learns each request's schedule from the scheduler (:mod:`vllm_snapkv.scheduler`),
+The manager learns each request's schedule from the scheduler (:mod:`vllm_snapkv.integration.scheduler`),
 which connects to the managers vLLM built.
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.integration import seam
 
 if TYPE_CHECKING:
     from vllm_snapkv.schedule import Compaction, Schedule

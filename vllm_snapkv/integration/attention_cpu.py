@@ -8,7 +8,7 @@ it. This module only knows
   kernel's own write op — never from the tensor's shape), and
 * how ``CPUAttentionMetadataBuilder``/``CPUAttentionBackendImpl`` are called.
 
-The worker (:mod:`vllm_snapkv.worker`) installs :class:`SnapKVCPUBackend` in place of
+The worker (:mod:`vllm_snapkv.integration.worker`) installs :class:`SnapKVCPUBackend` in place of
 ``CPU_ATTN`` before the model is built.
 """
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from vllm_snapkv import paged_kv
-from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.integration import seam
 from vllm_snapkv.backends import compaction, plan
 from vllm_snapkv.backends.state import RunnerState, state_for
-from vllm_snapkv.kv_cache import SnapKVAttentionSpec
+from vllm_snapkv.integration.kv_cache import SnapKVAttentionSpec
 
 AttentionType = seam.get("AttentionType")
 CPUAttentionBackend = seam.get("CPUAttentionBackend")
@@ -44,7 +44,8 @@ class CPUCacheAccessor:
     probed kernel layout."""
 
     def __init__(self, kv_cache: torch.Tensor, isa: str) -> None:
-        self.layout = paged_kv.layout_for_cache(kv_cache, isa)
+        self.layout = paged_kv.layout_for_cache(seam.get("cpu_attn_reshape_and_cache"), kv_cache,
+                                               isa)
 
     def read_kv(self, kv_cache, block_ids, positions):
         return paged_kv.read_kv(kv_cache, block_ids, positions, self.layout)

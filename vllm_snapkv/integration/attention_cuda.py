@@ -40,10 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.integration import seam
 from vllm_snapkv.backends import compaction, plan
 from vllm_snapkv.backends.state import RunnerState, state_for
-from vllm_snapkv.kv_cache import SnapKVAttentionSpec
+from vllm_snapkv.integration.kv_cache import SnapKVAttentionSpec
 
 AttentionCGSupport = seam.get("AttentionCGSupport")
 AttentionType = seam.get("AttentionType")

@@ -1,7 +1,7 @@
 """``SnapKVConnector``: a vLLM KV connector that transfers nothing and carries SnapKV's stats.
 
 vLLM builds it from ``--kv-transfer-config`` (the plugin sets that, see
-:func:`vllm_snapkv.metrics.wire`) in every process that needs it:
+:func:`vllm_snapkv.integration.kv_transfer.wire`) in every process that needs it:
 
 * engine core (role SCHEDULER): :meth:`get_kv_connector_stats` returns what the SnapKV scheduler
   recorded since the last step (the scheduler attaches its :class:`~vllm_snapkv.metrics.
@@ -21,7 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_snapkv import metrics
-from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.integration import seam
+from vllm_snapkv.integration.prometheus import SnapKVPromMetrics, SnapKVStats, stats
+
+#: Connector class name (MultiConnector keys stats and metrics by it) and module.
+CONNECTOR_NAME = "SnapKVConnector"
+CONNECTOR_MODULE = __name__
 
 KVConnectorFactory = seam.get("KVConnectorFactory")
 KVConnectorBase_V1 = seam.get("KVConnectorBase_V1")
@@ -95,32 +100,32 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
 
     # -- stats --------------------------------------------------------------------------------
 
-    def get_kv_connector_stats(self) -> metrics.SnapKVStats | None:
+    def get_kv_connector_stats(self) -> SnapKVStats | None:
         if self._timer is not None:
-            return self._timer.take(self._stage)
+            return stats(self._timer.take(self._stage))
         if self.recorder is not None:
-            return self.recorder.take()
+            return stats(self.recorder.take())
         return None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
-                                 ) -> metrics.SnapKVStats | None:
+                                 ) -> SnapKVStats | None:
         if data is None:
-            return metrics.SnapKVStats()
-        return metrics.SnapKVStats(data=metrics.aggregate_data(metrics.empty_data(), data))
+            return SnapKVStats()
+        return SnapKVStats(data=metrics.aggregate_data(metrics.empty_data(), data))
 
     @classmethod
     def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
                            per_engine_labelvalues: dict[int, list[object]]
-                           ) -> metrics.SnapKVPromMetrics:
-        return metrics.SnapKVPromMetrics(vllm_config, metric_types, labelnames,
+                           ) -> SnapKVPromMetrics:
+        return SnapKVPromMetrics(vllm_config, metric_types, labelnames,
                                          per_engine_labelvalues)
 
 
 # MultiConnector rebuilds children's stats by class name in the API server; the module is
 # imported there (through kv_connector_module_path) before any stats arrive.
 try:
-    KVConnectorFactory.get_connector_class_by_name(metrics.CONNECTOR_NAME)
+    KVConnectorFactory.get_connector_class_by_name(CONNECTOR_NAME)
 except ValueError:  # not registered yet in this process
-    KVConnectorFactory.register_connector(metrics.CONNECTOR_NAME, __name__,
-                                          metrics.CONNECTOR_NAME)
+    KVConnectorFactory.register_connector(CONNECTOR_NAME, __name__,
+                                          CONNECTOR_NAME)

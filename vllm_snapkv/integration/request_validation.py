@@ -29,7 +29,7 @@ import functools
 from typing import Any
 
 from vllm_snapkv import capacity
-from vllm_snapkv import vllm_seam as seam
+from vllm_snapkv.integration import seam
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.settings import SettingsError
 
