@@ -27,6 +27,8 @@ names the request field, which the API server turns into an HTTP 400.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +39,17 @@ from vllm_snapkv.selection import kept_count
 from vllm_snapkv.settings import (
     DEFAULT_DECODE_INTERVAL,
     DEFAULT_PREFILL_INTERVAL,
+    METHOD_NAME,
+    PREFIX,
     SettingsError,
     SnapKVSettings,
     compaction_point,
+    public_name,
+    request_keys,
 )
 
 #: Key of ``additional_config`` holding the method (``none`` or a registered method name).
-METHOD_KEY = "kv_compression"
+METHOD_KEY = METHOD_NAME
 #: Key of ``additional_config`` holding the settings dict (plus ``min_prompt``).
 SETTINGS_KEY = "snapkv"
 #: ``--kv-compression none``: vanilla vLLM.
@@ -52,21 +58,13 @@ OFF = "none"
 #: Default amount when neither budget nor ratio is given: the SnapKV paper's 1024-token budget.
 DEFAULT_BUDGET = 1024
 
-#: Per-request keys (in ``extra_args`` / ``vllm_xargs``) and the setting each one overrides.
-REQUEST_METHOD_KEY = "kv_compression"
-REQUEST_KEYS: dict[str, str] = {
-    "snapkv_budget": "budget",
-    "snapkv_ratio": "ratio",
-    "snapkv_decode_budget": "decode_budget",
-    "snapkv_prefill_budget": "prefill_budget",
-    "snapkv_prefill_method": "prefill_method",
-    "snapkv_compact_at": "compact_at",
-}
+#: Per-request keys (in ``extra_args`` / ``vllm_xargs``): the method's, and the per-request rows
+#: of the settings table (:func:`vllm_snapkv.settings.request_keys`).
+REQUEST_METHOD_KEY = METHOD_NAME
+REQUEST_KEYS: dict[str, str] = {key: s.name for key, s in request_keys().items()}
 #: Per-request keys whose value 0 turns the phase off for the request.
-REQUEST_OFF_BY_ZERO = ("snapkv_decode_budget", "snapkv_prefill_budget")
-REQUEST_PREFIX = "snapkv_"
-
-_REQUEST_KEY_OF = {setting: key for key, setting in REQUEST_KEYS.items()}
+REQUEST_OFF_BY_ZERO = tuple(key for key, s in request_keys().items() if s.zero_turns_off)
+REQUEST_PREFIX = PREFIX
 
 
 def methods() -> tuple[str, ...]:
@@ -117,8 +115,18 @@ class CompressionConfig:
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> CompressionConfig:
         """Parse ``{"kv_compression": ..., "snapkv": {...settings, "min_prompt": n}}``.
 
-        Raises :class:`SettingsError` naming the offending key.
+        Built once per process and content: the API server, the scheduler and every worker
+        (several places each) ask for the engine's config, and get the same immutable object
+        back. Raises :class:`SettingsError` naming the offending key.
         """
+        try:
+            key = json.dumps(additional_config or {}, sort_keys=True)
+        except (TypeError, ValueError):  # not JSON (e.g. numpy ints): parse, uncached
+            return cls._parse(additional_config)
+        return _parsed(cls, key)
+
+    @classmethod
+    def _parse(cls, additional_config: Mapping[str, Any] | None) -> CompressionConfig:
         cfg = dict(additional_config or {})
         method = cfg.get(METHOD_KEY, OFF)
         if method not in methods():
@@ -207,11 +215,8 @@ class CompressionConfig:
         try:
             return self.settings.override(changes)
         except SettingsError as err:
-            # Re-aim the error at the request field the client actually sent.
-            key = _REQUEST_KEY_OF.get(err.setting, err.setting)
-            if key == "method":
-                key = REQUEST_METHOD_KEY
-            raise SettingsError(key, err.value, err.allowed) from None
+            # Name the request field the client actually sent: the setting's public name.
+            raise SettingsError(public_name(err.setting), err.value, err.allowed) from None
 
     def request_plan(self, prompt_len: int, block_size: int,
                      extra_args: Mapping[str, Any] | None) -> RequestPlan | None:
@@ -229,7 +234,7 @@ class CompressionConfig:
         try:
             point = compaction_point(settings.compact_at, prompt_len)
         except SettingsError as err:
-            raise SettingsError(_REQUEST_KEY_OF["compact_at"], err.value, err.allowed) from None
+            raise SettingsError(public_name("compact_at"), err.value, err.allowed) from None
         long_enough = prompt_len >= self.min_prompt
         target = kept_count(point, settings) if long_enough else point
         schedule = Schedule(
@@ -253,6 +258,11 @@ class CompressionConfig:
         """:meth:`request_plan`'s schedule (``None``: the request never compacts)."""
         plan = self.request_plan(prompt_len, block_size, extra_args)
         return None if plan is None else plan.schedule
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(cls: type[CompressionConfig], key: str) -> CompressionConfig:
+    return cls._parse(json.loads(key))
 
 
 def _interval(value: int | None, default: int, block_size: int) -> int:

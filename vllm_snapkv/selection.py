@@ -19,6 +19,8 @@ SnapKV's vote and its exact semantics are in :mod:`vllm_snapkv.methods.snapkv`;
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vllm_snapkv.settings import (
@@ -151,8 +153,10 @@ def select_tokens(
     reduction: str = DEFAULT_REDUCTION,
     gqa_aggregation: str = DEFAULT_GQA_AGGREGATION,
     sink: int | None = None,
+    values: torch.Tensor | None = None,
     tile_size: int | None = None,
     score_dtype: torch.dtype = torch.float32,
+    **params: Any,
 ) -> torch.Tensor:
     """Positions each KV head keeps under ``method`` (default SnapKV, arXiv:2404.14469).
 
@@ -166,8 +170,10 @@ def select_tokens(
         window, kernel, pooling, reduction, gqa_aggregation, sink: see
             :class:`vllm_snapkv.settings.SnapKVSettings` (``sink=None``: the method's default);
             invalid values raise :class:`vllm_snapkv.settings.SettingsError`.
+        values: ``[num_kv_heads, N, head_dim]``, for methods that score values.
         tile_size: keys per scoring tile (memory bound); ``None`` = automatic.
         score_dtype: dtype of the score computation (default fp32).
+        params: other methods' parameters by name (e.g. ``vnorm_order=1``).
 
     Returns:
         int64 tensor ``[num_kv_heads, kept]`` of ascending positions, on ``keys.device``;
@@ -183,7 +189,8 @@ def select_tokens(
         reduction=reduction,
         gqa_aggregation=gqa_aggregation,
         sink=sink,
+        **params,
     )
     return select_tokens_with_settings(
-        queries, keys, settings, tile_size=tile_size, score_dtype=score_dtype
+        queries, keys, settings, values=values, tile_size=tile_size, score_dtype=score_dtype
     )

@@ -45,6 +45,13 @@ from typing import Any, ClassVar
 from vllm_snapkv.errors import SettingsError
 
 __all__ = [
+    "METHOD_NAME",
+    "PREFIX",
+    "SETTINGS",
+    "Setting",
+    "public_name",
+    "request_keys",
+    "settings_table",
     "DEFAULT_GQA_AGGREGATION",
     "DEFAULT_KERNEL",
     "DEFAULT_POOLING",
@@ -366,6 +373,106 @@ def compaction_point(compact_at: int | None, prompt_len: int) -> int:
                             f"must be >= 1 or in [-{prompt_len - 1}, -1] for this "
                             f"{prompt_len}-token prompt")
     return point
+
+
+# ------------------------------------------------------------------------------ the one table
+
+#: Prefix of every setting's public name.
+PREFIX = "snapkv_"
+#: Public name of the method setting (``--kv-compression``, ``vllm_xargs.kv_compression``).
+METHOD_NAME = "kv_compression"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One engine setting: its field, and everything derived from it.
+
+    A setting has one name, its *public name* :attr:`key` (``snapkv_decode_budget``), spelled as a
+    flag (``--snapkv-decode-budget``, also the ``vllm serve --config`` YAML key), as a request key
+    (``vllm_xargs.snapkv_decode_budget``, when :attr:`per_request`) and in every error message;
+    inside ``additional_config["snapkv"]`` and :class:`SnapKVSettings` it is the field
+    :attr:`name` (``decode_budget``).
+    """
+
+    name: str
+    type: type
+    help: str
+    per_request: bool = False
+    #: a request's value 0 turns the phase off for it
+    zero_turns_off: bool = False
+    #: offered as a ``vllm serve`` flag
+    flag: bool = True
+
+    @property
+    def key(self) -> str:
+        return public_name(self.name)
+
+
+#: The general settings, in ``--help`` order. The methods' own parameters follow them in
+#: :func:`settings_table` (their fields carry type, choices and help).
+SETTINGS: tuple[Setting, ...] = (
+    Setting("budget", int,
+            "Tokens kept per KV head, observation window included (must exceed the window). "
+            "Prompts not longer than this are left whole. Default 1024 unless --snapkv-ratio "
+            "is given.", per_request=True),
+    Setting("ratio", float, "Fraction of each prompt kept, in (0, 1]; instead of --snapkv-budget.",
+            per_request=True),
+    Setting("window", int,
+            "Observation window: the last prompt tokens whose queries score the prompt; always "
+            f"kept. Default {DEFAULT_WINDOW}."),
+    Setting("sink", int,
+            "First prompt tokens always kept (inside the budget). Default: the method's (0; 4 "
+            "for recency)."),
+    Setting("min_prompt", int,
+            "Prompts shorter than this many tokens are never compressed while read or at their "
+            "end. Default 0."),
+    Setting("decode_budget", int,
+            "Compact during generation too: once a request attends more than this plus "
+            "--snapkv-decode-interval tokens, keep this many per KV head. Default: off.",
+            per_request=True, zero_turns_off=True),
+    Setting("decode_interval", int,
+            "Tokens between two decode compactions (a positive multiple of the KV block size). "
+            f"Default {DEFAULT_DECODE_INTERVAL}, rounded up to whole blocks."),
+    Setting("prefill_budget", int,
+            "Compact while a long prompt is read in chunks: keep this many tokens per KV head of "
+            "what has been read whenever it exceeds this plus --snapkv-prefill-interval; lets "
+            "prompts larger than the KV pool run. At least --snapkv-budget. Default: off.",
+            per_request=True, zero_turns_off=True),
+    Setting("prefill_interval", int,
+            "Prompt tokens read between two prefill compactions (a positive multiple of the KV "
+            f"block size). Default {DEFAULT_PREFILL_INTERVAL}, rounded up to whole blocks."),
+    Setting("prefill_method", str,
+            "Method of the compactions made while a prompt is read (the question at its end is "
+            f"not read yet). Default {DEFAULT_PREFILL_METHOD}.", per_request=True),
+    Setting("compact_at", int,
+            "Where the prompt compaction runs: p > 0 once p prompt tokens are read, -k before "
+            "the prompt's last k (its question). Per request only.", per_request=True,
+            flag=False),
+    Setting("preset", str,
+            "Start from named settings: 'kvpress' (NVIDIA kvpress SnapKVPress: window 64, "
+            "kernel 5, avg pool, mean reductions), 'paper' (window 32, max-pool 7), 'default'. "
+            "Other flags override it."),
+)
+
+
+def public_name(name: str) -> str:
+    """The one public name of setting ``name`` (a field, a method parameter, ``method``, or a
+    public name already): ``budget`` -> ``snapkv_budget``, ``method`` -> ``kv_compression``."""
+    if name in ("method", METHOD_NAME):
+        return METHOD_NAME
+    return name if name.startswith(PREFIX) else PREFIX + name
+
+
+def settings_table() -> tuple[Setting, ...]:
+    """:data:`SETTINGS` and one row per registered method parameter."""
+    rows = [Setting(name, type(f.default), f.metadata.get("help", ""))
+            for name, f in _method_parameters().items()]
+    return (*SETTINGS, *rows)
+
+
+def request_keys() -> dict[str, Setting]:
+    """Request key (``vllm_xargs``) -> setting, for the per-request ones."""
+    return {s.key: s for s in SETTINGS if s.per_request}
 
 
 def _method_names() -> tuple[str, ...]:

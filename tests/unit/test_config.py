@@ -163,3 +163,46 @@ def test_compact_at_moves_the_prompt_compaction() -> None:
         cfg.schedule(2048, 128, {"snapkv_compact_at": -2048})
     assert err.value.setting == "snapkv_compact_at"
     assert "[-2047, -1] for this 2048-token prompt" in str(err.value)
+
+
+def test_the_engine_config_is_built_once_per_process_and_content() -> None:
+    a = {"kv_compression": "snapkv", "snapkv": {"budget": 512, "decode_budget": 256}}
+    b = {"snapkv": {"decode_budget": 256, "budget": 512}, "kv_compression": "snapkv"}
+    first = CompressionConfig.from_additional_config(a)
+    assert CompressionConfig.from_additional_config(b) is first
+    assert CompressionConfig.from_additional_config(
+        {**a, "snapkv": {"budget": 1024}}) is not first
+    with pytest.raises(SettingsError):  # a refusal is not cached as a config
+        CompressionConfig.from_additional_config({"kv_compression": "snapkv",
+                                                  "snapkv": {"budget": 1}})
+
+
+def test_one_name_per_setting_across_flag_request_key_and_error() -> None:
+    """Every setting's flag, request key and error messages spell one public name, from the
+    settings table: ``--snapkv-x`` and ``vllm_xargs.snapkv_x``."""
+    import argparse
+
+    from vllm_snapkv.integration import cli
+    from vllm_snapkv.settings import request_keys, settings_table
+
+    parser = cli.add_cli_args(argparse.ArgumentParser())
+    flags = {o for a in parser._actions for o in a.option_strings}
+    for s in settings_table():
+        assert s.key == "snapkv_" + s.name
+        assert (("--" + s.key.replace("_", "-")) in flags) == s.flag, s.name
+    for name in ("kernel", "pooling", "reduction", "gqa_aggregation"):  # SnapKV's parameters
+        assert "--snapkv-" + name.replace("_", "-") in flags
+    cfg = CompressionConfig.from_additional_config({"kv_compression": "snapkv"})
+    assert set(request_keys()) == {"snapkv_budget", "snapkv_ratio", "snapkv_decode_budget",
+                                   "snapkv_prefill_budget", "snapkv_prefill_method",
+                                   "snapkv_compact_at"}
+    for key in request_keys():
+        with pytest.raises(SettingsError) as err:
+            cfg.request_settings({key: "bogus"})
+        assert err.value.setting == key  # the HTTP 400 names vllm_xargs.<key>
+    for name in ("budget", "window", "kernel", "decode_interval"):
+        with pytest.raises(SettingsError) as err:
+            CompressionConfig.from_additional_config({"kv_compression": "snapkv",
+                                                      "snapkv": {name: "bogus"}})
+        assert cli.error_message(err.value).startswith(
+            "--snapkv-" + name.replace("_", "-") + "='bogus' is invalid")

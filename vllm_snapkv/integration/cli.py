@@ -21,13 +21,7 @@ from typing import Any
 
 from vllm_snapkv.config import METHOD_KEY, OFF, SETTINGS_KEY, CompressionConfig, methods
 from vllm_snapkv.methods import method_parameters, registered_methods
-from vllm_snapkv.settings import (
-    DEFAULT_DECODE_INTERVAL,
-    DEFAULT_PREFILL_INTERVAL,
-    DEFAULT_PREFILL_METHOD,
-    PRESETS,
-    SettingsError,
-)
+from vllm_snapkv.settings import PREFIX, PRESETS, SettingsError, public_name, settings_table
 
 logger = logging.getLogger("vllm_snapkv")
 
@@ -42,56 +36,22 @@ GROUP_DESCRIPTION = (
     "snapkv_ratio, snapkv_decode_budget, snapkv_prefill_budget."
 )
 
-#: (setting name, flag type, choices, help). Defaults are None = "not given": the settings
-#: object's defaults apply, so they are stated once, in vllm_snapkv.settings.
-_SETTING_FLAGS: tuple[tuple[str, type, tuple[str, ...] | None, str], ...] = (
-    ("budget", int, None,
-     "Tokens kept per KV head, observation window included (must exceed the window). Prompts "
-     "not longer than this are left whole. Default 1024 unless --snapkv-ratio is given."),
-    ("ratio", float, None,
-     "Fraction of each prompt kept, in (0, 1]; instead of --snapkv-budget."),
-    ("window", int, None,
-     "Observation window: the last prompt tokens whose queries score the prompt; always kept. "
-     "Default 32."),
-    ("sink", int, None, "First prompt tokens always kept (inside the budget). Default 0."),
-    ("min-prompt", int, None,
-     "Prompts shorter than this many tokens are never compressed while read or at their end. "
-     "Default 0."),
-    ("decode-budget", int, None,
-     "Compact during generation too: once a request attends more than this plus "
-     "--snapkv-decode-interval tokens, keep this many per KV head. Default: off."),
-    ("decode-interval", int, None,
-     "Tokens between two decode compactions (a positive multiple of the KV block size). "
-     f"Default {DEFAULT_DECODE_INTERVAL}, rounded up to whole blocks."),
-    ("prefill-budget", int, None,
-     "Compact while a long prompt is read in chunks: keep this many tokens per KV head of what "
-     "has been read whenever it exceeds this plus --snapkv-prefill-interval; lets prompts "
-     "larger than the KV pool run. At least --snapkv-budget. Default: off."),
-    ("prefill-interval", int, None,
-     "Prompt tokens read between two prefill compactions (a positive multiple of the KV "
-     f"block size). Default {DEFAULT_PREFILL_INTERVAL}, rounded up to whole blocks."),
-    ("prefill-method", str, None,
-     "Method of the compactions made while a prompt is read (the question at its end is not "
-     f"read yet). Default {DEFAULT_PREFILL_METHOD}."),
-    ("preset", str, tuple(PRESETS),
-     "Start from named settings: 'kvpress' (NVIDIA kvpress SnapKVPress: window 64, kernel 5, "
-     "avg pool, mean reductions), 'paper' (window 32, max-pool 7), 'default'. Other flags "
-     "override it."),
-)
-
-
-def _dest(name: str) -> str:
-    return "snapkv_" + name.replace("-", "_")
-
-
-def _flags() -> tuple[tuple[str, type, tuple[str, ...] | None, str], ...]:
-    """The general settings' rows, then one per registered method parameter (from its field:
-    type, ``metadata["choices"]``, ``metadata["help"]``)."""
-    params = tuple(
-        (name.replace("_", "-"), type(f.default) if f.default is not None else str,
-         f.metadata.get("choices"), f.metadata.get("help", ""))
-        for name, f in method_parameters().items())
-    return (*_SETTING_FLAGS, *params)
+def _flags() -> tuple[tuple[str, type, tuple[Any, ...] | None, str], ...]:
+    """(public name, type, choices, help) of every setting offered as a flag: the settings
+    table's general rows, then every registered method's parameters (from its fields)."""
+    params = method_parameters()
+    rows = []
+    for s in settings_table():
+        if not s.flag:
+            continue
+        field = params.get(s.name)
+        choices = field.metadata.get("choices") if field is not None else None
+        if s.name == "prefill_method":
+            choices = tuple(registered_methods())
+        elif s.name == "preset":
+            choices = tuple(PRESETS)
+        rows.append((s.key, s.type, choices, s.help))
+    return tuple(rows)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -107,11 +67,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "vLLM. " + "; ".join(f"'{name}': {cls.summary} ({cls.paper})"
                                   for name, cls in registered_methods().items()) + ".",
     )
-    for name, typ, choices, text in _flags():
-        if name == "prefill-method":
-            choices = tuple(registered_methods())
-        group.add_argument(f"--snapkv-{name}", dest=_dest(name), type=typ, choices=choices,
-                           default=None, help=text)
+    for key, typ, choices, text in _flags():
+        group.add_argument(flag(key), dest=key, type=typ, choices=choices, default=None,
+                           help=text)
     return parser
 
 
@@ -125,11 +83,11 @@ def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any]) -
     if method is not None:
         additional_config[METHOD_KEY] = method
     settings = dict(additional_config.get(SETTINGS_KEY) or {})
-    for name, *_ in _flags():
-        value = getattr(args, _dest(name), None)
+    for public, *_ in _flags():
+        value = getattr(args, public, None)
         if value is None:
             continue
-        key = name.replace("-", "_")
+        key = public.removeprefix(PREFIX)
         if key in ("budget", "ratio"):
             settings.pop("ratio" if key == "budget" else "budget", None)
         settings[key] = value
@@ -140,16 +98,14 @@ def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any]) -
     return additional_config
 
 
-def flag_for(setting: str) -> str:
-    """The CLI flag that sets ``setting`` (for error messages)."""
-    if setting in (METHOD_KEY, "kv-compression"):
-        return "--kv-compression"
-    return "--snapkv-" + setting.replace("_", "-")
+def flag(setting: str) -> str:
+    """The flag of ``setting`` (a field or public name): its public name, dashed."""
+    return "--" + public_name(setting).replace("_", "-")
 
 
 def error_message(err: SettingsError) -> str:
     """``--flag=value is invalid: allowed range`` for a refused setting."""
-    return f"{flag_for(err.setting)}={err.value!r} is invalid: {err.allowed}"
+    return f"{flag(err.setting)}={err.value!r} is invalid: {err.allowed}"
 
 
 def startup_error(err: SettingsError) -> SystemExit:

@@ -102,9 +102,10 @@ def check_int(name: str, value: Any, *, minimum: int = 0, odd: bool = False) -> 
     raise SettingsError(name, value, f"must be {kind} >= {minimum}")
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Refuse (:class:`SettingsError` naming ``name``) a value outside ``choices``."""
-    if not isinstance(value, str) or value not in choices:
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Refuse (:class:`SettingsError` naming ``name``) a value outside ``choices`` (compared with
+    its type: ``2.0`` or ``True`` is not the choice ``2`` or ``1``)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
         raise SettingsError(name, value, "must be one of " + ", ".join(map(repr, choices)))
 
 
