@@ -48,7 +48,8 @@ from vllm.v1.attention.backends.flash_attn import (  # noqa: E402
 from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
 
 from vllm_snapkv.backends import compaction  # noqa: E402
-from vllm_snapkv.backends import plan as stepplan  # noqa: E402
+from vllm_snapkv.backends import plan as stepplan
+from vllm_snapkv.integration.metadata import shift_common_metadata  # noqa: E402
 from vllm_snapkv.backends.state import RunnerState  # noqa: E402
 from vllm_snapkv.integration.attention_cuda import (  # noqa: E402
     FlashAttnCacheAccessor,
@@ -354,7 +355,7 @@ def test_shift_into_persistent_buffers_keeps_addresses() -> None:
     ptrs = set()
     for _ in range(2):
         out_s, out_b = b.snapkv_buffers(seq, bt)
-        cm = stepplan.shift_common_metadata(_cm(seq, bt, qsl), plan, bs, out_seq_lens=out_s,
+        cm = shift_common_metadata(_cm(seq, bt, qsl), plan, bs, out_seq_lens=out_s,
                                         out_block_table=out_b)
         ptrs.add((cm.seq_lens.data_ptr(), cm.block_table_tensor.data_ptr()))
     assert len(ptrs) == 1  # the same builder-owned memory every step
@@ -381,10 +382,10 @@ def test_shift_on_a_device_reads_nothing_back() -> None:
     qsl = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
     plan = stepplan.StepPlan((_shifted_row(0, 290, 256, bs, 299),))
     out_s, out_b = b.snapkv_buffers(seq, bt)
-    cm = stepplan.shift_common_metadata(_cm(seq, bt, qsl), plan, bs, out_seq_lens=out_s,
+    cm = shift_common_metadata(_cm(seq, bt, qsl), plan, bs, out_seq_lens=out_s,
                                     out_block_table=out_b)
     assert cm.seq_lens.device.type == "meta" and cm.max_seq_len == 500
-    cm = stepplan.shift_common_metadata(_cm(seq, bt, qsl, ub=False), plan, bs,
+    cm = shift_common_metadata(_cm(seq, bt, qsl, ub=False), plan, bs,
                                     out_seq_lens=out_s, out_block_table=out_b)
     assert cm.max_seq_len == 10**6  # no upper bound: the old (upper-bound) value stays
 

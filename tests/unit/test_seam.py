@@ -45,7 +45,7 @@ def test_vllm_033_sources_hold_every_hook(vllm_033: Path) -> None:
     assert seam.feature("streams_kv_transfer_params", vllm_033)
     assert seam.feature("prefix_hit_cap", vllm_033)
     # make_arg_parser moved: found through its alternative place.
-    hook = next(h for h in seam.HOOKS if h.name == "make_arg_parser")
+    hook = next(h for h in seam.TEST_HOOKS if h.name == "make_arg_parser")
     assert seam._check_place(vllm_033, hook, hook.module, hook.target) is None
     assert seam._check_place(vllm_033, hook, *hook.alternatives[0]) is not None
 
@@ -133,38 +133,77 @@ def test_only_the_seam_imports_vllm() -> None:
     assert offenders == []
 
 
-def _overrides(cls: type, base: type) -> set[str]:
-    """Methods ``cls`` (and its SnapKV bases) define that ``base`` also has."""
-    own = set()
-    for klass in cls.__mro__:
-        if klass.__module__.startswith("vllm_snapkv"):
-            own |= {n for n, v in vars(klass).items() if inspect.isfunction(v) or
-                    isinstance(v, (classmethod, staticmethod))}
-    return {n for n in own if hasattr(base, n) and not n.startswith("__")} | \
-        ({"__init__"} if "__init__" in vars(cls) else set())
+_REFERENCING = {"get", "module", "accepts", "overrides", "uses"}
 
 
-def test_every_overridden_vllm_method_is_a_hook() -> None:
-    from vllm_snapkv.integration import scheduler, worker
-    from vllm_snapkv.integration import attention_cpu as cpu, attention_cuda as cuda
-    from vllm_snapkv.integration.kv_cache import SnapKVAttentionSpec, SnapKVFullAttentionManager
+def _referenced_hooks() -> dict[str, list[str]]:
+    """Hook name -> where the integration layer names it (``seam.get/module/accepts`` calls,
+    ``@seam.overrides`` / ``@seam.uses`` declarations), from the source."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((PACKAGE / "integration").rglob("*.py")):
+        if path.name == "seam.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in _REFERENCING and isinstance(node.func.value, ast.Name) \
+                    and node.func.value.id == "seam":
+                for arg in node.args:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                        found.setdefault(arg.value, []).append(f"{path.name}:{node.lineno}")
+    return found
 
-    targets = {h.target for h in seam.HOOKS}
-    cases = [
-        (scheduler.SnapKVScheduler, "Scheduler", {"__init__"}),
-        (SnapKVFullAttentionManager, "FullAttentionManager", {"__init__"}),
-        (worker.SnapKVCPUModelRunner, "GPUModelRunner", {"__init__"}),
-        (cpu.SnapKVCPUImpl, "CPUAttentionBackendImpl", set()),
-        (cpu.SnapKVCPUMetadataBuilder, "CPUAttentionMetadataBuilder", set()),
-        (cpu.SnapKVCPUBackend, "CPUAttentionBackend", {"get_impl_cls", "get_builder_cls"}),
-        (cuda.SnapKVFlashAttentionImpl, "FlashAttentionImpl", set()),
-        (cuda.SnapKVFlashAttentionMetadataBuilder, "FlashAttentionMetadataBuilder", set()),
-        (SnapKVAttentionSpec, "FullAttentionSpec", {"__init__"}),  # dataclass-made
-    ]
-    for cls, base_name, public in cases:
-        base = seam.get(base_name)
-        for name in _overrides(cls, base) - public:
-            qualified = {f"{k.__name__}.{name}" for k in base.__mro__}
-            assert qualified & targets or name in ("customize_spec",) and \
-                "AttentionBackend.customize_spec" in targets, \
-                f"{cls.__name__}.{name} overrides vLLM's {base_name}.{name}: not a seam hook"
+
+def test_every_hook_is_named_where_it_is_used_and_nothing_else_gates_startup() -> None:
+    """The seam is derived from the code: each hook is named by the code that uses or overrides
+    it (else it is a dead declaration that would still stop start-up), and each name the code
+    uses is a hook."""
+    referenced = _referenced_hooks()
+    declared = {h.name for h in seam.HOOKS}
+    assert sorted(set(referenced) - declared) == []
+    assert sorted(declared - set(referenced)) == []
+
+
+def _plugin_classes() -> list[type]:
+    """Every class the integration layer defines that has a vLLM class among its bases."""
+    import importlib
+    import pkgutil
+
+    import vllm_snapkv.integration as integration
+    from vllm_snapkv.integration import worker
+
+    out = [getattr(worker, n) for n in ("SnapKVCPUModelRunner", "SnapKVCPUWorker")]
+    for info in pkgutil.iter_modules(integration.__path__):
+        mod = importlib.import_module(f"{integration.__name__}.{info.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and obj.__module__ == mod.__name__ and any(
+                    k.__module__.startswith("vllm.") for k in obj.__mro__):
+                out.append(obj)
+    return out
+
+
+def test_every_override_of_a_vllm_method_is_declared_as_a_hook() -> None:
+    """A method a plugin class defines that its vLLM base also has (``__init__`` included, when
+    vLLM defines one) carries ``@seam.overrides`` naming a hook of that method, whose
+    signature the seam then checks against the vLLM sources."""
+    targets = {h.name: h.target for h in seam.HOOKS}
+    classes = _plugin_classes()
+    assert len(classes) >= 12  # scheduler, manager, spec, runners, workers, backends, connector
+    missing = []
+    for cls in classes:
+        vllm_bases = [k for k in cls.__mro__ if k.__module__.startswith("vllm.")]
+        for klass in cls.__mro__:  # the class and its plugin mixins
+            if not klass.__module__.startswith("vllm_snapkv"):
+                continue
+            for name, value in vars(klass).items():
+                fn = getattr(value, "__func__", value)
+                if not callable(fn) or name in ("__init_subclass__", "__class_getitem__") or \
+                        (name.startswith("__") and name != "__init__"):
+                    continue
+                if getattr(getattr(fn, "__code__", None), "co_filename", "") == "<string>":
+                    continue  # made by @dataclass, not written here
+                if not any(name in vars(k) for k in vllm_bases):
+                    continue  # the plugin's own method
+                declared = getattr(fn, "__seam_overrides__", ())
+                if not any(targets[d].rsplit(".", 1)[-1] == name for d in declared):
+                    missing.append(f"{klass.__module__}.{klass.__qualname__}.{name}")
+    assert missing == []

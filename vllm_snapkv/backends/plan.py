@@ -12,7 +12,7 @@ the step's query layout, :func:`plan_step` derives a :class:`StepPlan`, the same
 * the query rows the next compaction's observation window needs are stashed
   (:mod:`vllm_snapkv.backends.stash`).
 
-:func:`build_metadata` is the one sequence every adapter's metadata builder runs: plan, shift
+:func:`vllm_snapkv.integration.metadata.build_metadata` is the one sequence every adapter's metadata builder runs: plan, shift
 (into the builder's persistent buffers when it has them), the backend's own build, and the
 adapter's metadata subclass carrying the plan, the unshifted block table and the runner state.
 Pure arithmetic on CPU tensors and Python objects, no vLLM import.
@@ -157,58 +157,3 @@ def shift_rows(seq_lens: torch.Tensor, block_table: torch.Tensor, shifted, block
             out_block_table[s.row, : m - nb] = block_table[s.row, nb:]
             out_block_table[s.row, m - nb:] = fill_value
     return out_seq_lens, out_block_table
-
-
-def shift_common_metadata(cm, plan: StepPlan, block_size: int, *,
-                          out_seq_lens: torch.Tensor | None = None,
-                          out_block_table: torch.Tensor | None = None):
-    """``cm`` (vLLM's ``CommonAttentionMetadata``) with the shifted rows shifted, as every
-    adapter's builder hands it to its base builder: ``seq_lens``/``block_table_tensor`` from
-    :func:`shift_rows` (into ``out_*`` when given), ``seq_lens_cpu_upper_bound`` lowered by each
-    row's eviction, and ``max_seq_len`` recomputed. With ``seq_lens`` on the CPU the max is
-    exact; on a device it comes from the (shifted) CPU upper bound, capped by the old
-    ``max_seq_len`` (both are upper bounds), so no device-to-host sync happens; without an upper
-    bound the old ``max_seq_len`` stays (an upper bound, which the attention backends accept).
-    """
-    shifted = plan.shifted
-    seq_lens, block_table = shift_rows(cm.seq_lens, cm.block_table_tensor, shifted, block_size,
-                                       out_seq_lens=out_seq_lens,
-                                       out_block_table=out_block_table)
-    changes: dict[str, Any] = dict(seq_lens=seq_lens, block_table_tensor=block_table)
-    ub = None
-    if cm.seq_lens_cpu_upper_bound is not None:
-        ub = cm.seq_lens_cpu_upper_bound.clone()
-        for s in shifted:
-            ub[s.row] -= s.evicted
-        changes["seq_lens_cpu_upper_bound"] = ub
-    if seq_lens.device.type == "cpu":
-        changes["max_seq_len"] = int(seq_lens[: cm.num_reqs].max())
-    elif ub is not None:
-        changes["max_seq_len"] = min(int(cm.max_seq_len), int(ub[: cm.num_reqs].max()))
-    return dataclasses.replace(cm, **changes)
-
-
-def build_metadata(builder: Any, parent_build: Callable[..., Any], common_prefix_len: int,
-                   cm: Any, fast_build: bool, *, state: RunnerState | None,
-                   base_cls: type, cls: type,
-                   buffers: Callable[[torch.Tensor, torch.Tensor],
-                                     tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
-    """Every adapter's ``build``: plan the step, shift rows with evictions (into ``buffers(seq_lens,
-    block_table)`` when the builder keeps persistent ones), let the backend build its metadata
-    from that, and wrap it in the adapter's subclass ``cls`` of ``base_cls`` carrying
-    ``snapkv_plan``, ``snapkv_state`` and ``unshifted_block_table``."""
-    plan = None
-    if state is not None:
-        plan = plan_step(state.current_rows, cm.query_start_loc_cpu, cm.num_reqs)
-    if plan is None:
-        return parent_build(common_prefix_len, cm, fast_build)
-    unshifted = cm.block_table_tensor
-    if plan.shifted:
-        out_s = out_b = None
-        if buffers is not None:
-            out_s, out_b = buffers(cm.seq_lens, cm.block_table_tensor)
-        cm = shift_common_metadata(cm, plan, builder.block_size, out_seq_lens=out_s,
-                                   out_block_table=out_b)
-    md = parent_build(common_prefix_len, cm, fast_build)
-    fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(base_cls)}
-    return cls(**fields, snapkv_plan=plan, snapkv_state=state, unshifted_block_table=unshifted)

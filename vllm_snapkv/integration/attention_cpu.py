@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_snapkv import paged_kv
-from vllm_snapkv.integration import seam
+from vllm_snapkv.integration import metadata, seam
 from vllm_snapkv.backends import compaction, plan
 from vllm_snapkv.backends.state import RunnerState, state_for
 from vllm_snapkv.integration.kv_cache import SnapKVAttentionSpec
@@ -69,13 +69,15 @@ class SnapKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     """Shifts rows with evicted slots (``seq_len - E``, block table minus its first ``E / bs``
     entries) before the CPU scheduler metadata is built from the shifted sequence lengths."""
 
+    @seam.overrides("CPUAttentionMetadataBuilder.__init__")
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         self._snapkv_state = state_for(vllm_config)
 
+    @seam.overrides("CPUAttentionMetadataBuilder.build")
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         active = not (self.is_cross_attention or self.is_encoder_only_attention)
-        return plan.build_metadata(self, super().build, common_prefix_len, common_attn_metadata,
+        return metadata.build_metadata(self, super().build, common_prefix_len, common_attn_metadata,
                                    fast_build, state=self._snapkv_state if active else None,
                                    base_cls=CPUAttentionMetadata, cls=SnapKVCPUMetadata)
 
@@ -86,6 +88,23 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
 
     _accessor: CPUCacheAccessor | None = None
 
+    @seam.uses(
+        "CPUAttentionBackendImpl.attn_type",
+        "CPUAttentionBackendImpl.sliding_window",
+        "CPUAttentionBackendImpl.alibi_slopes",
+        "CPUAttentionBackendImpl.sinks",
+        "CPUAttentionBackendImpl.logits_soft_cap",
+        "CPUAttentionBackendImpl.is_fp8_kv_cache",
+    )
+    @seam.uses(
+        "CPUAttentionBackendImpl.attn_type",
+        "CPUAttentionBackendImpl.sliding_window",
+        "CPUAttentionBackendImpl.alibi_slopes",
+        "CPUAttentionBackendImpl.sinks",
+        "CPUAttentionBackendImpl.logits_soft_cap",
+        "CPUAttentionBackendImpl.is_fp8_kv_cache",
+    )
+    @seam.overrides("CPUAttentionBackendImpl.__init__")
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Refused when the model is built (start-up), not on the first long request.
@@ -111,6 +130,17 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
             acc = self._accessor = CPUCacheAccessor(kv_cache, layer.isa)
         return acc
 
+    @seam.uses(
+        "CPUAttentionBackendImpl.num_heads",
+        "CPUAttentionBackendImpl.head_size",
+        "CPUAttentionBackendImpl.scale",
+    )
+    @seam.uses(
+        "CPUAttentionBackendImpl.num_heads",
+        "CPUAttentionBackendImpl.head_size",
+        "CPUAttentionBackendImpl.scale",
+    )
+    @seam.overrides("CPUAttentionBackendImpl.forward")
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
@@ -135,15 +165,18 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
 class SnapKVCPUBackend(CPUAttentionBackend):
     """``CPU_ATTN`` with paged SnapKV eviction (installed by the SnapKV worker)."""
 
+    @seam.overrides("AttentionBackend.customize_spec")
     @classmethod
     def customize_spec(cls, spec):
         # Full-attention layers get the SnapKV spec, hence the SnapKV KV-cache manager.
         return SnapKVAttentionSpec.from_spec(super().customize_spec(spec))
 
+    @seam.overrides("CPUAttentionBackend.get_impl_cls")
     @staticmethod
     def get_impl_cls() -> type[SnapKVCPUImpl]:
         return SnapKVCPUImpl
 
+    @seam.overrides("CPUAttentionBackend.get_builder_cls")
     @staticmethod
     def get_builder_cls() -> type[SnapKVCPUMetadataBuilder]:
         return SnapKVCPUMetadataBuilder

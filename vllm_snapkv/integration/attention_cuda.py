@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_snapkv.integration import seam
+from vllm_snapkv.integration import metadata, seam
 from vllm_snapkv.backends import compaction, plan
 from vllm_snapkv.backends.state import RunnerState, state_for
 from vllm_snapkv.integration.kv_cache import SnapKVAttentionSpec
@@ -167,6 +167,7 @@ class SnapKVFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     # block table swapped (unshifted); build each group's metadata instead.
     supports_update_block_table = False
 
+    @seam.overrides("FlashAttentionMetadataBuilder.__init__")
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         self._snapkv_state = state_for(vllm_config) \
@@ -197,8 +198,9 @@ class SnapKVFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             self._snapkv_seq_lens, self._snapkv_block_table = buf_s, buf_b
         return buf_s[: seq_lens.shape[0]], buf_b[: block_table.shape[0]]
 
+    @seam.overrides("FlashAttentionMetadataBuilder.build")
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
-        return plan.build_metadata(self, super().build, common_prefix_len, common_attn_metadata,
+        return metadata.build_metadata(self, super().build, common_prefix_len, common_attn_metadata,
                                    fast_build, state=self._snapkv_state,
                                    base_cls=FlashAttentionMetadata,
                                    cls=SnapKVFlashAttentionMetadata, buffers=self.snapkv_buffers)
@@ -234,6 +236,7 @@ class SnapKVFlashAttentionImpl(FlashAttentionImpl):
                                       "supported with compression yet")
         check_kv_cache_dtype(self.kv_cache_dtype)
 
+    @seam.overrides("FlashAttentionImpl.forward")
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
@@ -253,14 +256,17 @@ class SnapKVFlashAttentionBackend(FlashAttentionBackend):
     """``FLASH_ATTN`` with paged SnapKV eviction, registered as ``AttentionBackendEnum.CUSTOM``
     (by the SnapKV GPU worker and the plugin; selected through ``attention_config.backend``)."""
 
+    @seam.overrides("AttentionBackend.customize_spec")
     @classmethod
     def customize_spec(cls, spec):
         return SnapKVAttentionSpec.from_spec(super().customize_spec(spec))
 
+    @seam.overrides("FlashAttentionBackend.get_impl_cls")
     @staticmethod
     def get_impl_cls() -> type[SnapKVFlashAttentionImpl]:
         return SnapKVFlashAttentionImpl
 
+    @seam.overrides("FlashAttentionBackend.get_builder_cls")
     @staticmethod
     def get_builder_cls() -> type[SnapKVFlashAttentionMetadataBuilder]:
         return SnapKVFlashAttentionMetadataBuilder

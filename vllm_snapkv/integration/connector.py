@@ -46,32 +46,40 @@ class NoTransferConnector(KVConnectorBase_V1):
 
     # -- worker side: no transfers ------------------------------------------------------------
 
+    @seam.overrides("KVConnectorBase_V1.start_load_kv")
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         return
 
+    @seam.overrides("KVConnectorBase_V1.wait_for_layer_load")
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
 
+    @seam.overrides("KVConnectorBase_V1.save_kv_layer")
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
                       **kwargs: Any) -> None:
         return
 
+    @seam.overrides("KVConnectorBase_V1.wait_for_save")
     def wait_for_save(self) -> None:
         return
 
     # -- scheduler side: no external tokens ---------------------------------------------------
 
+    @seam.overrides("KVConnectorBase_V1.get_num_new_matched_tokens")
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
         return 0, False
 
+    @seam.overrides("KVConnectorBase_V1.update_state_after_alloc")
     def update_state_after_alloc(self, request: Any, blocks: Any,
                                  num_external_tokens: int) -> None:
         return
 
+    @seam.overrides("KVConnectorBase_V1.build_connector_meta")
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return SnapKVConnectorMetadata()
 
+    @seam.overrides("KVConnectorBase_V1.request_finished")
     def request_finished(self, request: Any, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         return False, None
@@ -81,6 +89,9 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
     """See the module docstring. ``SupportsHMA`` so that configuring it does not make vLLM turn
     off the hybrid KV-cache manager."""
 
+    @seam.uses("GroupCoordinator.rank_in_group")
+    @seam.uses("GroupCoordinator.rank_in_group")
+    @seam.overrides("KVConnectorBase_V1.__init__")
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
                  ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -94,12 +105,14 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
         self._stage = (int(seam.get("get_pp_group")().rank_in_group)
                        if self._timer is not None else 0)
 
+    @seam.overrides("SupportsHMA.request_finished_all_groups")
     def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]
                                     ) -> tuple[bool, dict[str, Any] | None]:
         return False, None
 
     # -- stats --------------------------------------------------------------------------------
 
+    @seam.overrides("KVConnectorBase_V1.get_kv_connector_stats")
     def get_kv_connector_stats(self) -> SnapKVStats | None:
         if self._timer is not None:
             return stats(self._timer.take(self._stage))
@@ -107,6 +120,7 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
             return stats(self.recorder.take())
         return None
 
+    @seam.overrides("KVConnectorBase_V1.build_kv_connector_stats")
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
                                  ) -> SnapKVStats | None:
@@ -114,6 +128,7 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
             return SnapKVStats()
         return SnapKVStats(data=metrics.aggregate_data(metrics.empty_data(), data))
 
+    @seam.overrides("KVConnectorBase_V1.build_prom_metrics")
     @classmethod
     def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
                            per_engine_labelvalues: dict[int, list[object]]
@@ -127,5 +142,4 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
 try:
     KVConnectorFactory.get_connector_class_by_name(CONNECTOR_NAME)
 except ValueError:  # not registered yet in this process
-    KVConnectorFactory.register_connector(CONNECTOR_NAME, __name__,
-                                          CONNECTOR_NAME)
+    seam.get("KVConnectorFactory.register_connector")(CONNECTOR_NAME, __name__, CONNECTOR_NAME)

@@ -43,6 +43,7 @@ class SnapKVAttentionSpec(FullAttentionSpec):
     """A full-attention layer whose requests may compact: vLLM's spec, managed by
     :class:`SnapKVFullAttentionManager`."""
 
+    @seam.overrides("FullAttentionSpec.max_memory_usage_bytes")
     def max_memory_usage_bytes(self, vllm_config: Any) -> int:
         # With prompts compacted while read, one request needs far less than max_model_len of
         # KV (vllm_snapkv.capacity); otherwise vLLM's own answer.
@@ -77,12 +78,28 @@ class SnapKVFullAttentionManager(FullAttentionManager):
     #: called with (request id, compactions just freed), once per compaction.
     on_compacted: Callable[[str, list[Compaction]], None] | None = None
 
+    @seam.overrides("SingleTypeKVCacheManager.__init__")
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.schedules = {}
         #: request id -> tokens processed when its blocks were last freed.
         self._freed_at: dict[str, int] = {}
 
+    @seam.uses(
+        "KVCacheManager.allocate_slots frees skipped blocks",
+        "KVCacheManager.allocate_slots",
+        "SingleTypeKVCacheManager._remove_blocks_in_range",
+        "SingleTypeKVCacheManager.req_to_blocks",
+        "SingleTypeKVCacheManager._null_block",
+    )
+    @seam.uses(
+        "KVCacheManager.allocate_slots frees skipped blocks",
+        "KVCacheManager.allocate_slots",
+        "SingleTypeKVCacheManager._remove_blocks_in_range",
+        "SingleTypeKVCacheManager.req_to_blocks",
+        "SingleTypeKVCacheManager._null_block",
+    )
+    @seam.overrides("SingleTypeKVCacheManager.remove_skipped_blocks")
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
@@ -104,6 +121,9 @@ class SnapKVFullAttentionManager(FullAttentionManager):
         if self.on_compacted is not None:
             self.on_compacted(request_id, done)
 
+    @seam.uses("SingleTypeKVCacheManager.max_admission_blocks_per_request")
+    @seam.uses("SingleTypeKVCacheManager.max_admission_blocks_per_request")
+    @seam.overrides("SingleTypeKVCacheManager.get_num_blocks_to_allocate")
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args: Any,
                                    apply_admission_cap: bool = False, **kwargs: Any) -> int:
         # Admission (vLLM checks that a new request's whole prompt fits before it starts): a
@@ -124,11 +144,15 @@ class SnapKVFullAttentionManager(FullAttentionManager):
         finally:
             self.max_admission_blocks_per_request = saved
 
+    @seam.overrides("SingleTypeKVCacheManager.free")
     def free(self, request_id: str) -> None:
         # Finished or preempted: a recompute starts over from 0 tokens.
         self._freed_at.pop(request_id, None)
         super().free(request_id)
 
+    @seam.uses("SingleTypeKVCacheManager.cache_blocks")
+    @seam.uses("SingleTypeKVCacheManager.cache_blocks")
+    @seam.overrides("FullAttentionManager.cache_blocks")
     def cache_blocks(self, request: Any, num_tokens: int, retention_interval: int | None = None,
                      *, replay_boundaries: Sequence[int]) -> None:
         schedule = self.schedules.get(request.request_id)
@@ -138,6 +162,16 @@ class SnapKVFullAttentionManager(FullAttentionManager):
                              replay_boundaries=replay_boundaries)
 
 
+@seam.uses(
+    "KVCacheSpecRegistry.register",
+    "KVCacheSpecRegistry._ensure_registered",
+    "register_all_kvcache_specs",
+)
+@seam.uses(
+    "KVCacheSpecRegistry.register",
+    "KVCacheSpecRegistry._ensure_registered",
+    "register_all_kvcache_specs",
+)
 def register_spec(vllm_config: Any) -> None:
     """Register :class:`SnapKVAttentionSpec` -> :class:`SnapKVFullAttentionManager` in this
     process (after vLLM's own specs: the registry registers those only while it is empty).

@@ -44,6 +44,8 @@ CUDA_WORKER = "vllm_snapkv.integration.worker.SnapKVGPUWorker"
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
+@seam.uses("EngineArgs.scheduler_cls")
+@seam.uses("EngineArgs.scheduler_cls")
 def _wire_engine_args(engine_args: Any) -> CompressionConfig:
     """Validate the compression config and add what it needs to ``engine_args``."""
     config = CompressionConfig.from_additional_config(engine_args.additional_config)
@@ -77,6 +79,8 @@ def _prepare_engine_env() -> None:
                          f"combined with {V2_RUNNER_ENV}={value}")
 
 
+@seam.uses("CompilationConfig.mode", "EngineArgs.worker_cls")
+@seam.uses("CompilationConfig.mode", "EngineArgs.worker_cls")
 def _wire_vllm_config(vllm_config: Any) -> None:
     """Point the engine at the plugin's scheduler, worker and (CUDA) attention backend."""
     from vllm_snapkv.integration.scheduler import scheduler_class_for
@@ -182,6 +186,7 @@ def _wire_cuda(vllm_config: Any) -> None:
     att.backend = AttentionBackendEnum.CUSTOM
 
 
+@seam.uses("CacheConfig.num_gpu_blocks_override")
 def _known_pool_blocks(vllm_config: Any, block_size: int) -> tuple[int, str] | None:
     """The KV pool's usable blocks when the flags fix it (and which flag), else ``None``."""
     cache = vllm_config.cache_config
@@ -230,6 +235,18 @@ def _default_block_size(current_platform: Any) -> int:
     return 128 if current_platform.is_cpu() else 16
 
 
+@seam.uses(
+    "EngineArgs.add_cli_args",
+    "EngineArgs.from_cli_args",
+    "EngineArgs.create_engine_config",
+    "EngineArgs.additional_config",
+)
+@seam.uses(
+    "EngineArgs.add_cli_args",
+    "EngineArgs.from_cli_args",
+    "EngineArgs.create_engine_config",
+    "EngineArgs.additional_config",
+)
 def _patch_engine_args() -> None:
     EngineArgs = seam.get("EngineArgs")
 

@@ -22,17 +22,21 @@ class SnapKVStats(KVConnectorStats):
 
     data: dict[str, Any] = field(default_factory=metrics.empty_data)
 
+    @seam.overrides("KVConnectorStats.reset")
     def reset(self) -> None:
         self.data = metrics.empty_data()
 
+    @seam.overrides("KVConnectorStats.aggregate")
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         self.data = metrics.aggregate_data(self.data, other.data)
         return self
 
+    @seam.overrides("KVConnectorStats.reduce")
     def reduce(self) -> dict[str, int | float]:
         """Interval summary for vLLM's periodic log line."""
         return metrics.interval_summary(self.data)
 
+    @seam.overrides("KVConnectorStats.is_empty")
     def is_empty(self) -> bool:
         return metrics.data_is_empty(self.data)
 
@@ -46,6 +50,7 @@ class SnapKVPromMetrics(KVConnectorPromMetrics):
     """The ``vllm:snapkv_*`` series, labelled ``model_name`` and ``engine`` like vLLM's own, plus
     ``method`` (per-request series), ``phase`` (evictions) or ``reason`` (skips)."""
 
+    @seam.overrides("KVConnectorPromMetrics.__init__")
     def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
                  per_engine_labelvalues: dict[int, list[object]]) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -111,6 +116,7 @@ class SnapKVPromMetrics(KVConnectorPromMetrics):
     def _child(self, metric: Any, engine_idx: int, *extra: object) -> Any:
         return metric.labels(*self._values[engine_idx], *extra)
 
+    @seam.overrides("KVConnectorPromMetrics.observe")
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         data = transfer_stats_data
         for prompt_len, kept, method, compactions in data.get("compressed") or []:

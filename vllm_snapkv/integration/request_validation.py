@@ -95,6 +95,26 @@ def install() -> bool:
     cls = seam.get("InputProcessor")
     original = cls.process_inputs
 
+    @seam.uses(
+        "InputProcessor.process_inputs",
+        "InputProcessor.vllm_config",
+        "EngineCoreRequest.prompt_token_ids",
+        "EngineCoreRequest.prompt_embeds",
+        "EngineCoreRequest.sampling_params",
+        "SchedulerConfig.max_num_batched_tokens",
+        "SchedulerConfig.long_prefill_token_threshold",
+        "CacheConfig.num_gpu_blocks",
+    )
+    @seam.uses(
+        "InputProcessor.process_inputs",
+        "InputProcessor.vllm_config",
+        "EngineCoreRequest.prompt_token_ids",
+        "EngineCoreRequest.prompt_embeds",
+        "EngineCoreRequest.sampling_params",
+        "SchedulerConfig.max_num_batched_tokens",
+        "SchedulerConfig.long_prefill_token_threshold",
+        "CacheConfig.num_gpu_blocks",
+    )
     @functools.wraps(original)
     def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
         request = original(self, *args, **kwargs)

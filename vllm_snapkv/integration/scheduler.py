@@ -51,6 +51,18 @@ class SnapKVSchedulerMixin:
     snapkv_config: CompressionConfig
     snapkv_schedules: dict[str, Schedule]
 
+    @seam.uses(
+        "Scheduler.kv_cache_manager",
+        "Scheduler.connector",
+        "KVCacheManager.coordinator",
+        "KVCacheCoordinator.single_type_managers",
+    )
+    @seam.uses(
+        "Scheduler.kv_cache_manager",
+        "Scheduler.connector",
+        "KVCacheManager.coordinator",
+        "KVCacheCoordinator.single_type_managers",
+    )
     def _snapkv_init(self) -> None:
         self.snapkv_config = CompressionConfig.from_vllm_config(self.vllm_config)
         self.snapkv_schedules = {}
@@ -83,6 +95,9 @@ class SnapKVSchedulerMixin:
 
     # ------------------------------------------------------------------ vLLM's decisions
 
+    @seam.uses("Scheduler.requests", "Request.num_prompt_tokens", "Request.sampling_params")
+    @seam.uses("Scheduler.requests", "Request.num_prompt_tokens", "Request.sampling_params")
+    @seam.overrides("Scheduler.add_request")
     def add_request(self, request: Any) -> None:
         if request.request_id not in self.requests:
             sp = request.sampling_params
@@ -93,6 +108,9 @@ class SnapKVSchedulerMixin:
                 self.snapkv_schedules[request.request_id] = schedule
         super().add_request(request)  # type: ignore[misc]
 
+    @seam.uses("Scheduler.schedule cuts chunks")
+    @seam.uses("Scheduler.schedule cuts chunks")
+    @seam.overrides("Scheduler._reserve_prefill_lookahead")
     def _reserve_prefill_lookahead(self, request: Any, num_computed_tokens: int,
                                    num_new_tokens: int) -> int:
         n = super()._reserve_prefill_lookahead(  # type: ignore[misc]
@@ -109,6 +127,7 @@ class SnapKVSchedulerMixin:
                     n = max(1, nxt.at - num_computed_tokens - 1)
         return n
 
+    @seam.overrides("Scheduler._get_local_prefix_cache_hit")
     def _get_local_prefix_cache_hit(self, request: Any, *args: Any) -> Any:
         schedule = self.snapkv_schedules.get(request.request_id)
         limit = schedule.cache_limit if schedule is not None else None
@@ -140,6 +159,7 @@ class SnapKVSchedulerMixin:
             opted_out = False
         return metrics.SKIP_OPTED_OUT if opted_out else metrics.SKIP_FITS
 
+    @seam.overrides("Scheduler._free_request")
     def _free_request(self, request: Any, delay_free_blocks: bool = False) -> Any:
         rid = request.request_id
         schedule = self.snapkv_schedules.get(rid)
@@ -154,6 +174,7 @@ class SnapKVSchedulerMixin:
             return (metrics.merge_kv_transfer_params(result[0], summary), *result[1:])
         return metrics.merge_kv_transfer_params(result, summary)
 
+    @seam.overrides("Scheduler._preempt_request")
     def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         # A preempted request holds no blocks until it is recomputed (and compacted again).
         self.snapkv_recorder.released(request.request_id)
@@ -164,6 +185,7 @@ class SnapKVScheduler(SnapKVSchedulerMixin, Scheduler):
     """vLLM's synchronous scheduler with compaction schedules (CPU forces synchronous
     scheduling)."""
 
+    @seam.overrides("Scheduler.__init__")
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         register_spec(vllm_config)
         super().__init__(vllm_config, *args, **kwargs)
@@ -173,6 +195,7 @@ class SnapKVScheduler(SnapKVSchedulerMixin, Scheduler):
 class SnapKVAsyncScheduler(SnapKVSchedulerMixin, AsyncScheduler):
     """vLLM's async scheduler with compaction schedules."""
 
+    @seam.overrides("AsyncScheduler.__init__")
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         register_spec(vllm_config)
         super().__init__(vllm_config, *args, **kwargs)

@@ -27,11 +27,11 @@ from importlib import metadata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 __all__ = ["HOOKS", "Hook", "IncompatibleVLLM", "UnsupportedVLLMVersion", "accepts", "check",
            "check_tree", "check_vllm_version", "feature", "get", "installed_root",
-           "installed_vllm_versions", "module", "parse_release", "verify"]
+           "installed_vllm_versions", "module", "overrides", "parse_release", "uses", "verify"]
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,6 @@ HOOKS: tuple[Hook, ...] = (
     Hook("CPUAttentionMetadataBuilder.build", _CPU_ATTN, "CPUAttentionMetadataBuilder.build",
          "method", params=(("self", "common_prefix_len", "common_attn_metadata",
                             "fast_build"),), exact=True, why="shifted before the CPU metadata is built"),
-    Hook("_get_attn_isa", _CPU_ATTN, "_get_attn_isa", "function",
-         why="which CPU kernel (and cache layout) vLLM picks"),
     Hook("cpu_attn_reshape_and_cache", "vllm._custom_ops", "cpu_attn_reshape_and_cache",
          "function", params=(("key", "value", "key_cache", "value_cache", "slot_mapping",
                               "isa"),), why="the layout probe writes through the kernel's op"),
@@ -305,11 +303,9 @@ HOOKS: tuple[Hook, ...] = (
            why="read or set when compression is on")
       for f in ("scheduler_cls", "kv_transfer_config",
                 "kv_offloading_size", "additional_config", "worker_cls", "tensor_parallel_size",
-                "pipeline_parallel_size", "speculative_config")),
+                "pipeline_parallel_size")),
     Hook("KVTransferConfig", "vllm.config.kv_transfer", "KVTransferConfig", "class",
          why="the metrics connector is configured through it"),
-    Hook("get_current_vllm_config_or_none", "vllm.config.vllm", "get_current_vllm_config_or_none",
-         "function", why="the request validator's fallback config"),
     Hook("CompilationConfig.mode", "vllm.config.compilation", "CompilationConfig.mode",
          "attribute", why="pipeline stages on CPU need a compiled model (see CompilationMode.NONE)"),
     Hook("CompilationMode.NONE", "vllm.config.compilation", "CompilationMode.NONE", "member",
@@ -379,12 +375,80 @@ HOOKS: tuple[Hook, ...] = (
          why="CPU or CUDA decides the worker and backend"),
     Hook("CpuArchEnum", "vllm.platforms.interface", "CpuArchEnum", "class",
          why="vLLM's CPU core reservation rule differs by architecture"),
+    # ---------------------------------------------------------------- overrides (declared at
+    # the overriding method with @seam.overrides; the signature is checked where we match it)
+    Hook("CPUAttentionBackend.get_impl_cls", "vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend.get_impl_cls", "method", params=((),), exact=True, 
+         why="overridden"),
+    Hook("CPUAttentionBackend.get_builder_cls", "vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend.get_builder_cls", "method", params=((),), exact=True, 
+         why="overridden"),
+    Hook("FlashAttentionBackend.get_impl_cls", "vllm.v1.attention.backends.flash_attn", "FlashAttentionBackend.get_impl_cls", "method", params=((),), exact=True, 
+         why="overridden"),
+    Hook("FlashAttentionBackend.get_builder_cls", "vllm.v1.attention.backends.flash_attn", "FlashAttentionBackend.get_builder_cls", "method", params=((),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.start_load_kv", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.start_load_kv", "method", params=(("self", "forward_context"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.wait_for_layer_load", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.wait_for_layer_load", "method", params=(("self", "layer_name"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.save_kv_layer", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.save_kv_layer", "method", params=(("self", "layer_name", "kv_layer", "attn_metadata"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.wait_for_save", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.wait_for_save", "method", params=(("self",),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.get_num_new_matched_tokens", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.get_num_new_matched_tokens", "method", params=(("self", "request", "num_computed_tokens"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.update_state_after_alloc", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.update_state_after_alloc", "method", params=(("self", "request", "blocks", "num_external_tokens"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.build_connector_meta", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.build_connector_meta", "method", params=(("self", "scheduler_output"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.request_finished", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.request_finished", "method", params=(("self", "request", "block_ids"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.__init__", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.__init__", "method", params=(("self", "vllm_config", "role", "kv_cache_config"),), exact=True, 
+         why="overridden"),
+    Hook("SupportsHMA.request_finished_all_groups", "vllm.distributed.kv_transfer.kv_connector.v1.base", "SupportsHMA.request_finished_all_groups", "method", params=(("self", "request", "block_ids"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.get_kv_connector_stats", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.get_kv_connector_stats", "method", params=(("self",),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.build_kv_connector_stats", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.build_kv_connector_stats", "method", params=(("cls", "data"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorBase_V1.build_prom_metrics", "vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1.build_prom_metrics", "method", params=(("cls", "vllm_config", "metric_types", "labelnames", "per_engine_labelvalues"),), exact=True, 
+         why="overridden"),
+    Hook("SingleTypeKVCacheManager.__init__", "vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager.__init__", "method", 
+         why="overridden (forwards every argument)"),
+    Hook("KVConnectorStats.reset", "vllm.distributed.kv_transfer.kv_connector.v1.metrics", "KVConnectorStats.reset", "method", params=(("self",),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorStats.aggregate", "vllm.distributed.kv_transfer.kv_connector.v1.metrics", "KVConnectorStats.aggregate", "method", params=(("self", "other"),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorStats.reduce", "vllm.distributed.kv_transfer.kv_connector.v1.metrics", "KVConnectorStats.reduce", "method", params=(("self",),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorStats.is_empty", "vllm.distributed.kv_transfer.kv_connector.v1.metrics", "KVConnectorStats.is_empty", "method", params=(("self",),), exact=True, 
+         why="overridden"),
+    Hook("KVConnectorPromMetrics.observe", "vllm.distributed.kv_transfer.kv_connector.v1.metrics", "KVConnectorPromMetrics.observe", "method", params=(("self", "transfer_stats_data", "engine_idx"),), exact=True, 
+         why="overridden"),
+    Hook("Scheduler.__init__", "vllm.v1.core.sched.scheduler", "Scheduler.__init__", "method", 
+         why="overridden (forwards every argument)"),
+    Hook("AsyncScheduler.__init__", "vllm.v1.core.sched.async_scheduler", "AsyncScheduler.__init__", "method", 
+         why="overridden (forwards every argument)"),
+    Hook("CPUModelRunner.__init__", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner.__init__", "method", params=(("self", "vllm_config", "device"),), exact=True, 
+         why="overridden"),
+    Hook("CPUWorker.__init__", "vllm.v1.worker.cpu_worker", "CPUWorker.__init__", "method", params=(("self", "vllm_config", "local_rank", "rank", "distributed_init_method", "is_driver_worker"),), exact=True, 
+         why="overridden"),    Hook("Request.num_prompt_tokens", "vllm.v1.request", "Request.num_prompt_tokens",
+         "attribute", why="a request's schedule is a function of its prompt length"),
+    Hook("Request.sampling_params", "vllm.v1.request", "Request.sampling_params", "attribute",
+         why="per-request settings travel in sampling_params.extra_args"),
+    Hook("CacheConfig.num_gpu_blocks_override", "vllm.config.cache",
+         "CacheConfig.num_gpu_blocks_override", "attribute",
+         why="the pool size a compressed request must fit in, when the user fixed it"),
+    Hook("GPUModelRunner.attn_groups", _RUNNER, "GPUModelRunner.attn_groups", "attribute",
+         why="the worker report names each layer's attention implementation"),
+)
+
+#: vLLM names only the tests use: resolvable with :func:`get`, never checked at start-up.
+TEST_HOOKS: tuple[Hook, ...] = (
     Hook("make_arg_parser", "vllm.entrypoints.common.cli_args", "make_arg_parser", "function",
          alternatives=(("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),),
          why="the vllm serve parser (tests)"),
 )
 
-_BY_NAME: dict[str, Hook] = {h.name: h for h in HOOKS}
+_BY_NAME: dict[str, Hook] = {h.name: h for h in (*HOOKS, *TEST_HOOKS)}
 
 
 class IncompatibleVLLM(RuntimeError):
@@ -480,6 +544,36 @@ def get(name: str) -> Any:
             continue
         return obj
     raise IncompatibleVLLM(f"vllm-snapkv: vLLM hook {name!r} not found ({last})")
+
+
+_F = TypeVar("_F")
+
+
+def overrides(*names: str) -> Callable[[_F], _F]:
+    """Decorator: the function overrides the vLLM methods ``names`` (hooks, checked against the
+    installed sources by :func:`verify`). ``tests/unit/test_seam.py`` requires it on every method
+    of a plugin class that replaces one of its vLLM base's, and every hook to be named by the
+    code somewhere; an undeclared name fails at import."""
+    return _mark("__seam_overrides__", names)
+
+
+def uses(*names: str) -> Callable[[_F], _F]:
+    """Decorator: the function reads or relies on the vLLM internals ``names`` (attributes, what
+    a vLLM function calls), declared where they are used. Undeclared names fail at import."""
+    return _mark("__seam_uses__", names)
+
+
+def _mark(attr: str, names: tuple[str, ...]) -> Callable[[_F], _F]:
+    unknown = [n for n in names if n not in _BY_NAME]
+    if unknown:
+        raise KeyError(f"vllm-snapkv: undeclared vLLM hook(s) {unknown} (add them to HOOKS)")
+
+    def mark(fn: _F) -> _F:
+        target = getattr(fn, "__func__", fn)  # classmethod / staticmethod
+        setattr(target, attr, (*getattr(target, attr, ()), *names))
+        return fn
+
+    return mark
 
 
 def module(name: str) -> Any:

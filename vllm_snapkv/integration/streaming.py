@@ -21,26 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from vllm_snapkv.integration import seam
 from vllm_snapkv.metrics import RESPONSE_KEY
 
 logger = logging.getLogger("vllm_snapkv")
 
 #: The argument through which vLLM hands a stream generator its engine outputs.
 RESULTS_ARG = "result_generator"
-#: (module, class, stream generator, engine output of one item of its ``result_generator``):
+#: (the stream generator's hook, engine output of one item of its ``result_generator``):
 #: completions iterate ``(prompt index, RequestOutput)``, chat iterates ``RequestOutput``.
-TARGETS: tuple[tuple[str, str, str, Callable[[Any], Any]], ...] = (
-    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion",
-     "completion_stream_generator", lambda item: item[1]),
-    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat",
-     "chat_completion_stream_generator", lambda item: item),
+TARGETS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("OpenAIServingCompletion.completion_stream_generator", lambda item: item[1]),
+    ("OpenAIServingChat.chat_completion_stream_generator", lambda item: item),
 )
 _DATA = "data: "
 
@@ -92,6 +90,8 @@ def _with_summaries(original: Callable[..., Any], output_of: Callable[[Any], Any
     return stream
 
 
+@seam.uses("OpenAIServingCompletion.completion_stream_generator",
+           "OpenAIServingChat.chat_completion_stream_generator")
 def install() -> bool:
     """Wrap vLLM's two stream generators (once per process). Returns whether they are wrapped.
 
@@ -102,15 +102,17 @@ def install() -> bool:
     if _installed:
         return True
     found = []
-    for module_name, class_name, method, output_of in TARGETS:
-        cls = getattr(importlib.import_module(module_name), class_name, None)
-        original = getattr(cls, method, None)
-        if original is None or RESULTS_ARG not in inspect.signature(original).parameters:
-            logger.warning("SnapKV: %s.%s.%s(%s=...) not found in this vLLM; streaming "
-                           "responses will not carry kv_transfer_params.%s", module_name,
-                           class_name, method, RESULTS_ARG, RESPONSE_KEY)
+    for hook, output_of in TARGETS:
+        class_name, method = hook.split(".")
+        try:
+            original = seam.get(hook)
+        except seam.IncompatibleVLLM:
+            original = None
+        if original is None or not seam.accepts(hook, RESULTS_ARG):
+            logger.warning("SnapKV: %s(%s=...) not found in this vLLM; streaming responses will "
+                           "not carry kv_transfer_params.%s", hook, RESULTS_ARG, RESPONSE_KEY)
             return False
-        found.append((cls, method, original, output_of))
+        found.append((getattr(seam.module(hook), class_name), method, original, output_of))
     for cls, method, original, output_of in found:
         setattr(cls, method, _with_summaries(original, output_of))
     _installed = True

@@ -77,6 +77,8 @@ def _install_backend(slot: str, path: str) -> None:
         seam.get("_cached_get_attn_backend").cache_clear()
 
 
+@seam.uses("AttentionBackendEnum.CPU_ATTN")
+@seam.uses("AttentionBackendEnum.CPU_ATTN")
 def install_cpu_backend() -> None:
     """Make ``CPU_ATTN`` resolve to the SnapKV CPU backend in this process (idempotent)."""
     _install_backend("CPU_ATTN", CPU_BACKEND_PATH)
@@ -104,6 +106,7 @@ class SnapKVModelRunnerMixin:
     """Per-step publishing of the batch's compression facts; mixed into a V1 model runner
     (``GPUModelRunner`` or its subclass ``CPUModelRunner``), before it in the MRO."""
 
+    @seam.overrides("CPUModelRunner.__init__")
     def __init__(self, vllm_config, device: torch.device) -> None:
         # The state first: the attention builders (made during super().__init__ or later, with
         # this vllm_config) look it up.
@@ -118,6 +121,7 @@ class SnapKVModelRunnerMixin:
 
     # -- request lifecycle --------------------------------------------------------------------
 
+    @seam.overrides("GPUModelRunner._update_states")
     def _update_states(self, scheduler_output):
         gone = set(scheduler_output.finished_req_ids)
         gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
@@ -127,6 +131,8 @@ class SnapKVModelRunnerMixin:
             self.snapkv_state.forget(gone)
         return super()._update_states(scheduler_output)  # type: ignore[misc]
 
+    @seam.uses("GPUModelRunner.requests")
+    @seam.uses("GPUModelRunner.requests")
     def _snapkv_plan(self, req_id: str, prompt_len: int):
         cached = self._snapkv_plans.get(req_id)
         if cached is not None and cached[0] == prompt_len:
@@ -140,6 +146,20 @@ class SnapKVModelRunnerMixin:
         self._snapkv_plans[req_id] = (prompt_len, plan)
         return plan
 
+    @seam.uses(
+        "GPUModelRunner.input_batch",
+        "InputBatch.num_computed_tokens_cpu",
+        "InputBatch.num_prompt_tokens",
+        "InputBatch.req_ids",
+        "InputBatch.num_reqs",
+    )
+    @seam.uses(
+        "GPUModelRunner.input_batch",
+        "InputBatch.num_computed_tokens_cpu",
+        "InputBatch.num_prompt_tokens",
+        "InputBatch.req_ids",
+        "InputBatch.num_reqs",
+    )
     def snapkv_rows(self) -> tuple[RowState, ...]:
         """Per-row facts of the current persistent batch (pre-step values)."""
         ib = self.input_batch  # type: ignore[attr-defined]
@@ -151,6 +171,7 @@ class SnapKVModelRunnerMixin:
 
     # -- per-step hooks -----------------------------------------------------------------------
 
+    @seam.overrides("GPUModelRunner.execute_model")
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._snapkv_in_step = True
         try:
@@ -160,6 +181,7 @@ class SnapKVModelRunnerMixin:
             self._snapkv_in_step = False
             self.snapkv_state.current_rows = None
 
+    @seam.overrides("GPUModelRunner._build_attention_metadata")
     def _build_attention_metadata(self, *args, **kwargs):
         # Runs after _update_states/_prepare_inputs (rows in their final order, num_computed
         # still the pre-step value) and right before every group's builder. Dummy/profile runs
@@ -208,6 +230,7 @@ class SnapKVWorkerMixin:
                 out[layer] = wanted[-1][2].tolist()
         return out
 
+    @seam.uses("GPUModelRunner.attn_groups")
     def snapkv_attention_impls(self) -> dict[str, str]:
         """Attention layer name -> impl class name, and the backend each group uses."""
         runner = self.model_runner  # type: ignore[attr-defined]
@@ -247,6 +270,7 @@ def _build_cpu_classes() -> dict[str, type]:
     class SnapKVCPUWorker(SnapKVWorkerMixin, CPUWorker):
         """``CPUWorker`` with the SnapKV attention backend and model runner."""
 
+        @seam.overrides("CPUWorker.__init__")
         def __init__(self, vllm_config, local_rank: int, rank: int,
                      distributed_init_method: str, is_driver_worker: bool = False) -> None:
             super().__init__(vllm_config, local_rank, rank, distributed_init_method,
@@ -254,6 +278,9 @@ def _build_cpu_classes() -> dict[str, type]:
             self.snapkv_config = _worker_setup(vllm_config)
             install_cpu_backend()
 
+        @seam.uses("Worker.use_v2_model_runner")
+        @seam.uses("Worker.use_v2_model_runner")
+        @seam.overrides("CPUWorker.init_device builds CPUModelRunner")
         def init_device(self):
             if getattr(self, "use_v2_model_runner", False):
                 raise RuntimeError(_V2_RUNNER_ERROR)
@@ -297,6 +324,8 @@ def _build_gpu_classes() -> dict[str, type]:
             install_cuda_backend()
             return super().init_device()
 
+        @seam.overrides("Worker._make_model_runner")
+        @seam.uses("Worker.use_v2_model_runner")
         def _make_model_runner(self):
             # Worker.init_device -> _init_workspace_and_model_runner -> here.
             if self.use_v2_model_runner:
@@ -307,6 +336,8 @@ def _build_gpu_classes() -> dict[str, type]:
             "SnapKVGPUWorker": _named(SnapKVGPUWorker, "SnapKVGPUWorker")}
 
 
+@seam.uses("AttentionBackendEnum.CUSTOM", "AttentionBackendEnum.FLASH_ATTN")
+@seam.uses("AttentionBackendEnum.CUSTOM", "AttentionBackendEnum.FLASH_ATTN")
 def _require_custom_backend(vllm_config) -> None:
     """The GPU worker's attention must be the SnapKV backend: the scheduler frees evicted
     blocks, which a vanilla backend would still read. The plugin sets ``CUSTOM``; a config that
