@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from benchmarks import REPO
 from vllm_snapkv.methods.snapkv import resolve_tile_size
 from vllm_snapkv.selection import select_tokens_with_settings
-from vllm_snapkv.settings import SnapKVSettings
+from vllm_snapkv.settings import CompressionSettings
 
 HQ, HKV, D, HIDDEN, INTER, WINDOW, BUDGET = 9, 3, 64, 576, 1536, 32, 512
 
@@ -170,7 +170,7 @@ def bench_select(n: int, device, repeats: int, tile_size: int | None) -> dict:
     gen = torch.Generator(device=device).manual_seed(n + 1)
     q = torch.randn(HQ, WINDOW, D, device=device, generator=gen)
     k = torch.randn(HKV, n, D, device=device, generator=gen)
-    s = SnapKVSettings(budget=BUDGET, window=WINDOW)
+    s = CompressionSettings(budget=BUDGET, window=WINDOW)
 
     def fn():
         return select_tokens_with_settings(q, k, s, tile_size=tile_size)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = dict(
         config=dict(hq=HQ, hkv=HKV, head_dim=D, hidden=HIDDEN, intermediate=INTER, window=WINDOW,
-                    budget=BUDGET, settings=SnapKVSettings(budget=BUDGET, window=WINDOW).to_dict(),
+                    budget=BUDGET, settings=CompressionSettings(budget=BUDGET, window=WINDOW).to_dict(),
                     tile_size=args.tile_size, dtype="float32", quick=args.quick),
         env=dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                  python=platform.python_version(), machine=platform.machine(),

@@ -225,7 +225,7 @@ Selection = obj("Selection", "selection cost vs one layer's prefill", layer_benc
     "LayerBench", "bench_selection.py's report",
     config=obj("LayerBenchConfig", None, hq=int, hkv=int, head_dim=int, hidden=int,
                intermediate=int, window=int, budget=int,
-               settings=described(Open, "SnapKVSettings.to_dict(): the plugin's fields"),
+               settings=described(Open, "CompressionSettings.to_dict(): the plugin's fields"),
                tile_size=int | None, dtype=str, quick=bool),
     env=obj("LayerBenchEnv", None, device=str, torch=str, threads=int, python=str, machine=str,
             processor=str),

@@ -3,7 +3,7 @@
 Public API:
 
 * :func:`select_tokens` — the SnapKV selection core (pure torch, no vLLM needed).
-* :class:`SnapKVSettings` — validated selection settings; CLI flags, config files and per-request
+* :class:`CompressionSettings` (also `SnapKVSettings`) — validated settings; CLI flags, config files and per-request
   overrides all go through it.
 
 The vLLM plugin itself is registered through the ``vllm.general_plugins`` entry point
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KVPRESS_PRESET",
     "SettingsError",
+    "CompressionSettings",
     "SnapKVSettings",
     "__version__",
     "select_tokens",
@@ -29,6 +30,7 @@ _LAZY = {
     "select_tokens": "vllm_snapkv.selection",
     "KVPRESS_PRESET": "vllm_snapkv.settings",
     "SettingsError": "vllm_snapkv.settings",
+    "CompressionSettings": "vllm_snapkv.settings",
     "SnapKVSettings": "vllm_snapkv.settings",
 }
 

@@ -42,7 +42,7 @@ from vllm_snapkv.settings import (
     METHOD_NAME,
     PREFIX,
     SettingsError,
-    SnapKVSettings,
+    CompressionSettings,
     compaction_point,
     public_name,
     request_keys,
@@ -76,7 +76,7 @@ def methods() -> tuple[str, ...]:
 class RequestPlan:
     """What one request gets: its effective settings and its compactions."""
 
-    settings: SnapKVSettings
+    settings: CompressionSettings
     schedule: Schedule
 
 
@@ -93,7 +93,7 @@ class CompressionConfig:
     """
 
     method: str = OFF
-    settings: SnapKVSettings | None = None
+    settings: CompressionSettings | None = None
     min_prompt: int = 0
 
     def __post_init__(self) -> None:
@@ -144,7 +144,7 @@ class CompressionConfig:
         if "budget" not in raw and "ratio" not in raw:
             raw["budget"] = DEFAULT_BUDGET
         raw["method"] = method
-        return cls(method=method, settings=SnapKVSettings.from_dict(raw), min_prompt=min_prompt)
+        return cls(method=method, settings=CompressionSettings.from_dict(raw), min_prompt=min_prompt)
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> CompressionConfig:
@@ -174,7 +174,7 @@ class CompressionConfig:
 
     # ------------------------------------------------------------------ per request
 
-    def request_settings(self, extra_args: Mapping[str, Any] | None) -> SnapKVSettings | None:
+    def request_settings(self, extra_args: Mapping[str, Any] | None) -> CompressionSettings | None:
         """The settings one request runs with, or ``None`` when it is not to be compressed.
 
         ``extra_args`` is the request's ``SamplingParams.extra_args``. Raises

@@ -12,7 +12,7 @@ class SettingsError(ValueError):
     """An invalid SnapKV setting.
 
     Attributes:
-        setting: name of the offending setting (a :class:`SnapKVSettings` field, or the unknown
+        setting: name of the offending setting (a :class:`CompressionSettings` field, or the unknown
             key of a dict), so callers can map it to a CLI flag or an HTTP request field.
         value: the rejected value.
         allowed: human-readable allowed range.

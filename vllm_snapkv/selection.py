@@ -29,7 +29,7 @@ from vllm_snapkv.settings import (
     DEFAULT_POOLING,
     DEFAULT_REDUCTION,
     DEFAULT_WINDOW,
-    SnapKVSettings,
+    CompressionSettings,
 )
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-def effective_budget(num_tokens: int, settings: SnapKVSettings) -> int:
+def effective_budget(num_tokens: int, settings: CompressionSettings) -> int:
     """Tokens a prompt of ``num_tokens`` may keep per KV head before the "keep whole" rule.
 
     With ``budget`` set this is the budget. With ``ratio`` it is kvpress's count,
@@ -59,7 +59,7 @@ def effective_budget(num_tokens: int, settings: SnapKVSettings) -> int:
     return max(n_kvpress, settings.window + settings.sinks + 1)
 
 
-def kept_count(num_tokens: int, settings: SnapKVSettings) -> int:
+def kept_count(num_tokens: int, settings: CompressionSettings) -> int:
     """Number of prompt positions each KV head keeps for a prompt of ``num_tokens`` tokens.
 
     ``min(N, effective_budget(N, settings))``: prompts not longer than the budget are kept whole.
@@ -71,7 +71,7 @@ def kept_count(num_tokens: int, settings: SnapKVSettings) -> int:
     return min(num_tokens, effective_budget(num_tokens, settings))
 
 
-def select_from_scores(scores: torch.Tensor, num_tokens: int, settings: SnapKVSettings,
+def select_from_scores(scores: torch.Tensor, num_tokens: int, settings: CompressionSettings,
                        keep: int | None = None) -> torch.Tensor:
     """Kept positions from a method's scores.
 
@@ -110,7 +110,7 @@ def select_from_scores(scores: torch.Tensor, num_tokens: int, settings: SnapKVSe
 def select_tokens_with_settings(
     queries: torch.Tensor | None,
     keys: torch.Tensor,
-    settings: SnapKVSettings,
+    settings: CompressionSettings,
     *,
     keep: int | None = None,
     method: str | None = None,
@@ -168,7 +168,7 @@ def select_tokens(
         method: a registered method name (:func:`vllm_snapkv.methods.method_names`).
         budget / ratio: exactly one — tokens kept (window and sinks included) or fraction kept.
         window, kernel, pooling, reduction, gqa_aggregation, sink: see
-            :class:`vllm_snapkv.settings.SnapKVSettings` (``sink=None``: the method's default);
+            :class:`vllm_snapkv.settings.CompressionSettings` (``sink=None``: the method's default);
             invalid values raise :class:`vllm_snapkv.settings.SettingsError`.
         values: ``[num_kv_heads, N, head_dim]``, for methods that score values.
         tile_size: keys per scoring tile (memory bound); ``None`` = automatic.
@@ -179,7 +179,7 @@ def select_tokens(
         int64 tensor ``[num_kv_heads, kept]`` of ascending positions, on ``keys.device``;
         ``kept = kept_count(N, settings)``, and the whole sequence when ``N <= kept``.
     """
-    settings = SnapKVSettings(
+    settings = CompressionSettings(
         method=method,
         budget=budget,
         ratio=ratio,

@@ -1,7 +1,7 @@
 """Validated SnapKV selection settings.
 
 Every way of configuring SnapKV — ``vllm serve`` flags, config files, per-request overrides sent
-over HTTP — ends in a :class:`SnapKVSettings`. Validation therefore lives here, once, and every
+over HTTP — ends in a :class:`CompressionSettings`. Validation therefore lives here, once, and every
 refusal is a :class:`SettingsError` that names the offending setting (``.setting``), the value, and
 the allowed range, so the CLI can print it and the HTTP layer can turn it into a 400 that points at
 the right field.
@@ -68,6 +68,7 @@ __all__ = [
     "PRESETS",
     "REDUCTIONS",
     "SettingsError",
+    "CompressionSettings",
     "SnapKVSettings",
     "compaction_point",
     "kvpress_preset",
@@ -107,7 +108,7 @@ def _is_real(value: Any) -> bool:
 
 
 @dataclass(frozen=True, init=False)
-class SnapKVSettings:
+class CompressionSettings:
     """Compression settings of an engine or one request, validated on construction (immutable;
     hashable). Exactly one of ``budget`` and ``ratio`` must be set.
 
@@ -149,7 +150,7 @@ class SnapKVSettings:
 
     The methods' own parameters (:mod:`vllm_snapkv.methods`), e.g. SnapKV's ``kernel``,
     ``pooling``, ``reduction`` and ``gqa_aggregation``, are settings too, by their names:
-    ``SnapKVSettings(budget=512, kernel=7)``; ``settings.kernel`` reads one (its default when not
+    ``CompressionSettings(budget=512, kernel=7)``; ``settings.kernel`` reads one (its default when not
     set), :attr:`params` holds the ones set to other than their default, and
     :meth:`scorer` gives the configured method. Each method validates its own.
     """
@@ -302,7 +303,7 @@ class SnapKVSettings:
         return (*_public_fields(), *_method_parameters())
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SnapKVSettings:
+    def from_dict(cls, data: Mapping[str, Any]) -> CompressionSettings:
         """Build settings from a plain mapping (config file, JSON request body, CLI namespace).
 
         Unknown keys are refused (a :class:`SettingsError` naming the key and listing the allowed
@@ -314,7 +315,7 @@ class SnapKVSettings:
         if not isinstance(data, Mapping):
             raise SettingsError("settings", data, "must be a mapping of setting name to value")
         data = dict(data)
-        base: SnapKVSettings | None = None
+        base: CompressionSettings | None = None
         if cls.PRESET_KEY in data:
             name = data.pop(cls.PRESET_KEY)
             if not isinstance(name, str) or name not in PRESETS:
@@ -325,7 +326,7 @@ class SnapKVSettings:
             return cls(**data)
         return base.override(data)
 
-    def override(self, changes: Mapping[str, Any]) -> SnapKVSettings:
+    def override(self, changes: Mapping[str, Any]) -> CompressionSettings:
         """Return a validated copy with ``changes`` applied (e.g. one request's overrides).
 
         Keys are checked as in :meth:`from_dict`. Because exactly one of ``budget``/``ratio`` may
@@ -346,7 +347,7 @@ class SnapKVSettings:
         current.update({k: v for k, v in changes.items() if k not in _method_parameters()})
         return type(self)(**current, params=tuple(params.items()))
 
-    def replace(self, **changes: Any) -> SnapKVSettings:
+    def replace(self, **changes: Any) -> CompressionSettings:
         """Keyword form of :meth:`override`."""
         return self.override(changes)
 
@@ -356,6 +357,10 @@ class SnapKVSettings:
         out = {f: getattr(self, f) for f in _public_fields()}
         out.update({name: getattr(self, name) for name in _method_parameters()})
         return out
+
+
+#: The name this class had before it served every method (kept for the public API).
+SnapKVSettings = CompressionSettings
 
 
 def compaction_point(compact_at: int | None, prompt_len: int) -> int:
@@ -390,7 +395,7 @@ class Setting:
     A setting has one name, its *public name* :attr:`key` (``snapkv_decode_budget``), spelled as a
     flag (``--snapkv-decode-budget``, also the ``vllm serve --config`` YAML key), as a request key
     (``vllm_xargs.snapkv_decode_budget``, when :attr:`per_request`) and in every error message;
-    inside ``additional_config["snapkv"]`` and :class:`SnapKVSettings` it is the field
+    inside ``additional_config["snapkv"]`` and :class:`CompressionSettings` it is the field
     :attr:`name` (``decode_budget``).
     """
 
@@ -488,7 +493,7 @@ def _method_parameters() -> dict[str, Any]:
 
 
 def _public_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(SnapKVSettings) if f.name != "params")
+    return tuple(f.name for f in dataclasses.fields(CompressionSettings) if f.name != "params")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -513,19 +518,19 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
 #: (zero padding counted), mean over the window queries, mean over each query group. ``ratio=1.0``
 #: mirrors kvpress's default ``compression_ratio=0.0`` (keep everything); derive a usable copy with
 #: ``KVPRESS_PRESET.replace(ratio=0.5)`` or :func:`kvpress_preset`.
-KVPRESS_PRESET = SnapKVSettings(
+KVPRESS_PRESET = CompressionSettings(
     ratio=1.0, window=64, kernel=5, pooling="avg", reduction="mean", gqa_aggregation="mean", sink=0
 )
 
 #: The SnapKV paper's LongBench configuration (window 32, max-pool 7, summed window scores);
 #: supply a budget with ``PAPER_PRESET.replace(budget=1024)``.
-PAPER_PRESET = SnapKVSettings(
+PAPER_PRESET = CompressionSettings(
     budget=1024, window=32, kernel=7, pooling="max", reduction="sum", gqa_aggregation="mean"
 )
 
-#: Named starting points accepted by :meth:`SnapKVSettings.from_dict` under ``"preset"``.
-PRESETS: dict[str, SnapKVSettings] = {
-    "default": SnapKVSettings(ratio=1.0),
+#: Named starting points accepted by :meth:`CompressionSettings.from_dict` under ``"preset"``.
+PRESETS: dict[str, CompressionSettings] = {
+    "default": CompressionSettings(ratio=1.0),
     "kvpress": KVPRESS_PRESET,
     "paper": PAPER_PRESET,
 }
@@ -536,7 +541,7 @@ def kvpress_preset(
     *,
     compression_ratio: float | None = None,
     budget: int | None = None,
-) -> SnapKVSettings:
+) -> CompressionSettings:
     """kvpress ``SnapKVPress`` settings with the amount to keep filled in.
 
     Give exactly one of ``ratio`` (fraction kept, ours), ``compression_ratio`` (fraction removed,

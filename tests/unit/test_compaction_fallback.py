@@ -15,7 +15,7 @@ from vllm_snapkv.backends import compaction
 from vllm_snapkv.backends.plan import RowPlan
 from vllm_snapkv.backends.state import RunnerState
 from vllm_snapkv.schedule import Schedule
-from vllm_snapkv.settings import SnapKVSettings
+from vllm_snapkv.settings import CompressionSettings
 
 
 def test_missing_window_queries_fall_back_to_keydiff() -> None:
@@ -26,7 +26,7 @@ def test_missing_window_queries_fall_back_to_keydiff() -> None:
     values = torch.randn(hkv, n, d, generator=gen)
     orig_k, orig_v = keys.clone(), values.clone()
 
-    settings = SnapKVSettings(budget=budget, window=window)
+    settings = CompressionSettings(budget=budget, window=window)
     schedule = Schedule(prompt_len=n, block_size=64, method="snapkv", prompt_target=budget)
     (c,) = schedule.compactions(n)
     # The last step computed only the final `step` tokens: the window's first 4 queries would

@@ -61,7 +61,7 @@ from vllm_snapkv.integration.attention_cuda import (  # noqa: E402
 from vllm_snapkv.config import RequestPlan  # noqa: E402
 from vllm_snapkv.schedule import Schedule  # noqa: E402
 from vllm_snapkv.selection import select_tokens_with_settings  # noqa: E402
-from vllm_snapkv.settings import SnapKVSettings  # noqa: E402
+from vllm_snapkv.settings import CompressionSettings  # noqa: E402
 
 LAYOUTS = list(KVCacheLayout)
 HAS_CUDA = torch.cuda.is_available()
@@ -327,7 +327,7 @@ def _builder(bs: int, max_num_seqs: int = 8) -> SnapKVFlashAttentionMetadataBuil
 def _shifted_row(row: int, n: int, e: int, bs: int, nc: int) -> stepplan.RowPlan:
     schedule = Schedule(prompt_len=n, block_size=bs, method="snapkv", prompt_target=n - e)
     assert schedule.evicted_at(nc) == e
-    return stepplan.RowPlan(row, f"r{row}", row, row + 1, nc, SnapKVSettings(budget=n - e),
+    return stepplan.RowPlan(row, f"r{row}", row, row + 1, nc, CompressionSettings(budget=n - e),
                             schedule, e, (), None)
 
 
@@ -430,7 +430,7 @@ def test_prefill_compaction_then_shifted_decode(layout, monkeypatch) -> None:
     from vllm.v1.attention.backend import AttentionType
     hkv, hq, d, bs, nb = 2, 6, 32, 16, 12
     n, budget = 7 * bs + 3, 3 * bs
-    settings = SnapKVSettings(budget=budget, window=8, kernel=5)
+    settings = CompressionSettings(budget=budget, window=8, kernel=5)
     schedule = Schedule(prompt_len=n, block_size=bs, method="snapkv", prompt_target=budget)
     e = schedule.prompt_compaction.evicted
     assert e == 4 * bs

@@ -20,7 +20,7 @@ from vllm_snapkv import select_tokens
 from vllm_snapkv.config import CompressionConfig
 from vllm_snapkv.integration.cli import add_cli_args
 from vllm_snapkv.methods import base, method_names, registered_methods
-from vllm_snapkv.settings import SettingsError, SnapKVSettings
+from vllm_snapkv.settings import SettingsError, CompressionSettings
 from vllm_snapkv.testing import REPO
 
 EXAMPLE = REPO / "examples" / "value_norm"
@@ -61,12 +61,12 @@ def test_the_example_ranks_by_value_norm(vnorm, seed: int) -> None:
 
 def test_its_parameter_is_a_validated_setting_and_a_flag(vnorm) -> None:
     assert "vnorm" in method_names() and registered_methods()["vnorm"] is vnorm.ValueNorm
-    s = SnapKVSettings(budget=100, method="vnorm", vnorm_order=1)
+    s = CompressionSettings(budget=100, method="vnorm", vnorm_order=1)
     assert s.vnorm_order == 1 and s.scorer().vnorm_order == 1
-    assert SnapKVSettings(budget=100).vnorm_order == 2  # the default
+    assert CompressionSettings(budget=100).vnorm_order == 2  # the default
     for bad in (3, 2.0, True, "2"):
         with pytest.raises(SettingsError) as err:
-            SnapKVSettings(budget=100, vnorm_order=bad)
+            CompressionSettings(budget=100, vnorm_order=bad)
         assert err.value.setting == "vnorm_order" and "1, 2" in err.value.allowed
     cfg = CompressionConfig.from_additional_config(
         {"kv_compression": "vnorm", "snapkv": {"budget": 64, "vnorm_order": 1}})

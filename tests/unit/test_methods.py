@@ -25,7 +25,7 @@ from vllm_snapkv.methods import (
     register_method,
     registered_methods,
 )
-from vllm_snapkv.settings import SettingsError, SnapKVSettings
+from vllm_snapkv.settings import SettingsError, CompressionSettings
 
 
 def _keep(scores: list[float], n: int, budget: int, window: int, sink: int) -> list[int]:
@@ -132,7 +132,7 @@ def test_registry_refuses_bad_or_conflicting_names() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_method(clash)
     with pytest.raises(SettingsError) as err:
-        SnapKVSettings(budget=100, method="h2o")
+        CompressionSettings(budget=100, method="h2o")
     assert err.value.setting == "method" and "'snapkv'" in str(err.value)
 
 

@@ -229,7 +229,7 @@ def test_selection_timer_observes_every_compaction() -> None:
     from vllm_snapkv.backends import compaction
     from vllm_snapkv.backends.plan import RowPlan
     from vllm_snapkv.backends.state import RunnerState
-    from vllm_snapkv.settings import SnapKVSettings
+    from vllm_snapkv.settings import CompressionSettings
 
     timer = metrics.SelectionTimer.install()
     assert metrics.SelectionTimer.install() is timer
@@ -238,7 +238,7 @@ def test_selection_timer_observes_every_compaction() -> None:
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(hkv, n, d, generator=gen), torch.randn(hkv, n, d, generator=gen)
 
-    settings = SnapKVSettings(budget=128, window=8)
+    settings = CompressionSettings(budget=128, window=8)
     schedule = _schedule(n=n, target=128, bs=64)
     (c,) = schedule.compactions(n)
     row = RowPlan(0, "timed", 0, n, 0, settings, schedule, 0, (c,), None)

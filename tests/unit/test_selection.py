@@ -32,7 +32,7 @@ from vllm_snapkv.selection import (
 from vllm_snapkv.settings import (
     KVPRESS_PRESET,
     SettingsError,
-    SnapKVSettings,
+    CompressionSettings,
     kvpress_preset,
 )
 
@@ -177,7 +177,7 @@ def test_tiled_scores_equal_untiled(pooling, gqa):
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(12, 32, 64, generator=gen)
     k = torch.randn(3, 5003, 64, generator=gen)
-    s = SnapKVSettings(budget=512, window=32, kernel=7, pooling=pooling, gqa_aggregation=gqa)
+    s = CompressionSettings(budget=512, window=32, kernel=7, pooling=pooling, gqa_aggregation=gqa)
     for dtype, atol in [(torch.float64, 1e-15), (torch.float32, 2e-8)]:
         full = window_scores(q, k, s, tile_size=k.shape[1], score_dtype=dtype)
         for tile in [97, 1000, 4971, 5000]:  # 4971 == N - w: one prefix tile, still two-pass
@@ -222,7 +222,7 @@ def test_output_invariants():
         q, k, s = make_case(rng, max_n=2500)
         hkv, n, _ = k.shape
         idx = select_tokens(q, k, **s, tile_size=random_tile(rng, n, s["window"]))
-        kept = kept_count(n, SnapKVSettings(**s))
+        kept = kept_count(n, CompressionSettings(**s))
         assert idx.dtype == torch.long and idx.device == k.device
         assert idx.shape == (hkv, kept)
         assert bool((idx[:, 1:] > idx[:, :-1]).all()), "sorted and unique"
@@ -275,7 +275,7 @@ def test_sinks_are_kept_and_counted_in_budget():
 
 
 def test_ties_prefer_lower_positions_in_select_from_scores():
-    s = SnapKVSettings(budget=7, window=2, sink=1)
+    s = CompressionSettings(budget=7, window=2, sink=1)
     #            pos: 0    1    2    3    4    5    6    7    8    9
     scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 5.0, 3.0, 5.0, 3.0, 3.0, 0.0]])
     idx = select_from_scores(scores, 12, s)
@@ -316,7 +316,7 @@ def test_gqa_groups_are_contiguous_query_heads():
     q = torch.randn(hkv * g, w, 16, generator=gen)
     k = torch.randn(hkv, n, 16, generator=gen)
     for agg in ["mean", "max"]:
-        s = SnapKVSettings(budget=40, window=w, kernel=3, gqa_aggregation=agg)
+        s = CompressionSettings(budget=40, window=w, kernel=3, gqa_aggregation=agg)
         full = window_scores(q, k, s, score_dtype=torch.float64)
         for j in range(hkv):
             alone = window_scores(q[j * g : (j + 1) * g], k[j : j + 1], s, score_dtype=torch.float64)
@@ -344,7 +344,7 @@ def test_causal_mask_inside_window():
     k = torch.randn(1, n, d, generator=gen, dtype=torch.float64)
     k2 = k.clone()
     k2[0, -1] = 3.0 * torch.randn(d, generator=gen, dtype=torch.float64)
-    s = SnapKVSettings(budget=10, window=w, kernel=1, reduction="sum")
+    s = CompressionSettings(budget=10, window=w, kernel=1, reduction="sum")
     p = n - w
 
     def last_query_prefix_probs(keys):  # [Hq, P]: the last window query sees every key
@@ -364,7 +364,7 @@ def test_window_keys_are_in_the_softmax_denominator():
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(1, 4, 8, generator=gen)
     k = torch.randn(1, 60, 8, generator=gen)
-    s = SnapKVSettings(budget=10, window=4, kernel=1, reduction="sum")
+    s = CompressionSettings(budget=10, window=4, kernel=1, reduction="sum")
     sc = window_scores(q, k, s, score_dtype=torch.float64)
     assert float(sc.sum()) < 4.0 - 1e-6  # the window's own share is missing
     ref = reference_scores(q, k, window=4, kernel=1, pooling="avg", reduction="sum",
@@ -376,7 +376,7 @@ def test_low_precision_inputs_are_scored_in_fp32():
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(6, 16, 32, generator=gen).to(torch.bfloat16)
     k = torch.randn(2, 700, 32, generator=gen).to(torch.bfloat16)
-    s = SnapKVSettings(budget=100, window=16)
+    s = CompressionSettings(budget=100, window=16)
     sc = window_scores(q, k, s)
     assert sc.dtype == torch.float32
     torch.testing.assert_close(sc, window_scores(q.float(), k.float(), s), rtol=0, atol=0)
@@ -399,7 +399,7 @@ def test_kvpress_preset_is_what_select_tokens_gets_with_kvpress_choices():
 
 
 def test_kept_count_budget():
-    s = SnapKVSettings(budget=1024)
+    s = CompressionSettings(budget=1024)
     assert [kept_count(n, s) for n in (0, 1, 1023, 1024, 1025, 10**6)] == [
         0, 1, 1023, 1024, 1024, 1024
     ]
@@ -426,14 +426,14 @@ def test_ratio_rounding_is_kvpress_expression_not_naive_product():
     """ratio=0.018, N=1500: N*ratio = 26.999999999999996 -> 26, but kvpress at
     compression_ratio = 1 - 0.018 computes int(1500 * (1 - 0.982)) = int(27.000000000000025) = 27.
     We follow kvpress."""
-    s = SnapKVSettings(ratio=0.018, window=4)
+    s = CompressionSettings(ratio=0.018, window=4)
     assert int(1500 * 0.018) == 26
     assert kept_count(1500, s) == 27
     assert kept_count(1500, s) == max(1, int(1500 * (1 - (1 - 0.018))))
 
 
 def test_ratio_small_prompt_clamps_to_window_plus_sink_plus_one():
-    s = SnapKVSettings(ratio=0.1, window=32, sink=4)
+    s = CompressionSettings(ratio=0.1, window=32, sink=4)
     assert effective_budget(300, s) == 37  # int(30.0) = 30 < 32 + 4 + 1
     assert kept_count(300, s) == 37
     assert kept_count(37, s) == 37 and kept_count(20, s) == 20
@@ -465,7 +465,7 @@ def test_invalid_settings_raise_settings_error():
 
 
 def test_invalid_shapes():
-    s = SnapKVSettings(budget=40, window=8)
+    s = CompressionSettings(budget=40, window=8)
     with pytest.raises(ValueError, match="multiple"):
         window_scores(torch.randn(5, 8, 16), torch.randn(2, 100, 16), s)
     with pytest.raises(ValueError, match="head_dim"):
@@ -512,7 +512,7 @@ def test_tiled_scoring_memory_is_bounded():
     q = torch.randn(hq, w, d, generator=gen)
     k = torch.randn(hkv, n, d, generator=gen)
     full_bytes = hq * w * n * 4  # the [Hq, w, N] fp32 tensor the tiled path must never build
-    s = SnapKVSettings(budget=2048, window=w)
+    s = CompressionSettings(budget=2048, window=w)
 
     # The measurement really measures: the single-pass path does allocate [Hq, w, N].
     _, untiled = _allocations(lambda: select_tokens_with_settings(q, k, s, tile_size=n))
@@ -535,7 +535,7 @@ def test_recency_method_keeps_sinks_and_the_most_recent_tokens():
     torch.manual_seed(0)
     n, w = 300, 16
     q, k = torch.randn(8, w, 64), torch.randn(2, n, 64)
-    settings = SnapKVSettings(budget=100, window=w, sink=4, method="recency")
+    settings = CompressionSettings(budget=100, window=w, sink=4, method="recency")
     kept = select_tokens_with_settings(q, k, settings)
     expected = torch.cat([torch.arange(4), torch.arange(n - 96, n)])
     assert torch.equal(kept, expected.expand(2, 100))
@@ -548,7 +548,7 @@ def test_recency_method_keeps_sinks_and_the_most_recent_tokens():
 
 def test_recency_sinks_default_to_four_and_an_explicit_zero_is_honoured():
     k = torch.randn(1, 200, 8)
-    assert SnapKVSettings(budget=50, window=8, method="recency").sinks == 4
+    assert CompressionSettings(budget=50, window=8, method="recency").sinks == 4
     kept = select_tokens(None, k, method="recency", budget=50, window=8, sink=0)
     assert torch.equal(kept[0], torch.arange(150, 200))  # no sinks: the 50 most recent
     kept = select_tokens(None, k, method="recency", budget=50, window=8)

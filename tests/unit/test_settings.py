@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from vllm_snapkv import KVPRESS_PRESET, SettingsError, SnapKVSettings
+from vllm_snapkv import KVPRESS_PRESET, SettingsError, CompressionSettings
 from vllm_snapkv.settings import (
     DEFAULT_GQA_AGGREGATION,
     DEFAULT_KERNEL,
@@ -20,7 +20,7 @@ from vllm_snapkv.settings import (
 
 
 def test_defaults():
-    s = SnapKVSettings(budget=1024)
+    s = CompressionSettings(budget=1024)
     assert (s.window, s.kernel, s.pooling, s.reduction, s.gqa_aggregation, s.sinks) == (
         DEFAULT_WINDOW, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_REDUCTION,
         DEFAULT_GQA_AGGREGATION, 0,
@@ -35,7 +35,7 @@ def test_defaults():
 
 def test_error_is_value_error_with_setting_attribute_and_message():
     with pytest.raises(SettingsError) as e:
-        SnapKVSettings(budget=16)
+        CompressionSettings(budget=16)
     err = e.value
     assert isinstance(err, ValueError)
     assert err.setting == "budget" and err.value == 16
@@ -87,7 +87,7 @@ def test_error_survives_pickling():
 )
 def test_invalid_settings(kwargs, setting, fragment):
     with pytest.raises(SettingsError) as e:
-        SnapKVSettings(**kwargs)
+        CompressionSettings(**kwargs)
     assert e.value.setting == setting
     msg = str(e.value)
     assert msg.startswith(f"snapkv {setting}=")
@@ -97,75 +97,75 @@ def test_invalid_settings(kwargs, setting, fragment):
 
 def test_budget_message_with_sink_names_both():
     with pytest.raises(SettingsError) as e:
-        SnapKVSettings(budget=40, sink=8)
+        CompressionSettings(budget=40, sink=8)
     assert str(e.value) == (
         "snapkv budget=40 is invalid: must be an integer > window + sink (32 + 8 = 40)"
     )
 
 
 def test_valid_edges():
-    assert SnapKVSettings(budget=33).budget == 33
-    assert SnapKVSettings(budget=2, window=1).budget == 2
-    assert SnapKVSettings(budget=45, sink=12).sink == 12
-    assert SnapKVSettings(ratio=1).ratio == 1.0 and isinstance(SnapKVSettings(ratio=1).ratio, float)
-    assert SnapKVSettings(ratio=1e-9).ratio == 1e-9
-    assert SnapKVSettings(budget=100, kernel=1).kernel == 1
+    assert CompressionSettings(budget=33).budget == 33
+    assert CompressionSettings(budget=2, window=1).budget == 2
+    assert CompressionSettings(budget=45, sink=12).sink == 12
+    assert CompressionSettings(ratio=1).ratio == 1.0 and isinstance(CompressionSettings(ratio=1).ratio, float)
+    assert CompressionSettings(ratio=1e-9).ratio == 1e-9
+    assert CompressionSettings(budget=100, kernel=1).kernel == 1
     # numpy-like integer types are accepted and normalised
     import numpy as np
 
-    s = SnapKVSettings(budget=np.int64(100), window=np.int32(8))
+    s = CompressionSettings(budget=np.int64(100), window=np.int32(8))
     assert type(s.budget) is int and type(s.window) is int and s.budget == 100
 
 
 def test_frozen_and_hashable():
-    s = SnapKVSettings(budget=100)
+    s = CompressionSettings(budget=100)
     with pytest.raises(AttributeError):
         s.budget = 200  # type: ignore[misc]
-    assert hash(s) == hash(SnapKVSettings(budget=100))
+    assert hash(s) == hash(CompressionSettings(budget=100))
 
 
 def test_from_dict_and_to_dict_round_trip():
     d = {"budget": 512, "window": 16, "kernel": 7, "pooling": "max", "sink": 4}
-    s = SnapKVSettings.from_dict(d)
+    s = CompressionSettings.from_dict(d)
     assert (s.budget, s.window, s.kernel, s.pooling, s.sink) == (512, 16, 7, "max", 4)
-    assert SnapKVSettings.from_dict(s.to_dict()) == s
-    assert set(s.to_dict()) == set(SnapKVSettings.field_names())
+    assert CompressionSettings.from_dict(s.to_dict()) == s
+    assert set(s.to_dict()) == set(CompressionSettings.field_names())
 
 
 def test_from_dict_refuses_unknown_keys_naming_them():
     with pytest.raises(SettingsError) as e:
-        SnapKVSettings.from_dict({"budget": 512, "kernal": 7})
+        CompressionSettings.from_dict({"budget": 512, "kernal": 7})
     assert e.value.setting == "kernal"
     msg = str(e.value)
     assert msg.startswith("snapkv kernal=7 is invalid: unknown setting")
-    for key in SnapKVSettings.field_names():
+    for key in CompressionSettings.field_names():
         assert key in msg
 
 
 def test_from_dict_validates_values():
     with pytest.raises(SettingsError) as e:
-        SnapKVSettings.from_dict({"ratio": 2})
+        CompressionSettings.from_dict({"ratio": 2})
     assert e.value.setting == "ratio"
     with pytest.raises(SettingsError) as e:
-        SnapKVSettings.from_dict(["budget", 5])  # type: ignore[arg-type]
+        CompressionSettings.from_dict(["budget", 5])  # type: ignore[arg-type]
     assert e.value.setting == "settings"
 
 
 def test_from_dict_presets():
-    s = SnapKVSettings.from_dict({"preset": "kvpress", "ratio": 0.25})
+    s = CompressionSettings.from_dict({"preset": "kvpress", "ratio": 0.25})
     assert s == KVPRESS_PRESET.replace(ratio=0.25)
-    s = SnapKVSettings.from_dict({"preset": "paper", "budget": 2048})
+    s = CompressionSettings.from_dict({"preset": "paper", "budget": 2048})
     assert (s.kernel, s.pooling, s.budget, s.window) == (7, "max", 2048, 32)
-    s = SnapKVSettings.from_dict({"preset": "kvpress", "budget": 300})
+    s = CompressionSettings.from_dict({"preset": "kvpress", "budget": 300})
     assert s.ratio is None and s.budget == 300 and s.window == 64
     with pytest.raises(SettingsError) as e:
-        SnapKVSettings.from_dict({"preset": "h2o"})
+        CompressionSettings.from_dict({"preset": "h2o"})
     assert e.value.setting == "preset" and "'kvpress'" in str(e.value)
     assert set(PRESETS) == {"default", "kvpress", "paper"}
 
 
 def test_override_is_validated_and_switches_budget_ratio_mode():
-    base = SnapKVSettings(ratio=0.5, window=32)
+    base = CompressionSettings(ratio=0.5, window=32)
     per_request = base.override({"budget": 1024})
     assert per_request.budget == 1024 and per_request.ratio is None
     assert base.ratio == 0.5 and base.budget is None  # the base is untouched
@@ -182,7 +182,7 @@ def test_override_is_validated_and_switches_budget_ratio_mode():
     assert e.value.setting == "windw"
     # a window override that makes the inherited budget invalid is refused, naming budget
     with pytest.raises(SettingsError) as e:
-        SnapKVSettings(budget=64).replace(window=64)
+        CompressionSettings(budget=64).replace(window=64)
     assert e.value.setting == "budget" and "(64)" in str(e.value)
     assert base.replace(kernel=5).kernel == 5
 

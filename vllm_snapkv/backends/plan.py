@@ -29,7 +29,7 @@ import torch
 
 from vllm_snapkv.methods import get_method
 from vllm_snapkv.schedule import Compaction, Schedule
-from vllm_snapkv.settings import SnapKVSettings
+from vllm_snapkv.settings import CompressionSettings
 
 if TYPE_CHECKING:
     from vllm_snapkv.backends.state import RunnerState
@@ -68,7 +68,7 @@ class RowPlan:
     q_start: int
     q_end: int
     num_computed: int
-    settings: SnapKVSettings
+    settings: CompressionSettings
     schedule: Schedule
     evicted: int
     compactions: tuple[Compaction, ...]

@@ -3,13 +3,16 @@
 The model runner owns one :class:`RunnerState`: this step's rows (published before the metadata
 builders run), the query stash, the compaction records its RPCs report, and the debug oracle.
 The attention metadata builders reach it through the ``vllm_config`` they are built with
-(:func:`state_for`), and hand it to the attention impls inside the metadata they build, so no
-module holds a runner's state.
+(:func:`state_for`), and hand it to the attention impls inside the metadata they build. The one
+module-level piece is that lookup: a per-process registry from a ``vllm_config`` object to the
+state of the runner built with it, holding the config weakly (an entry dies with its config, and
+an id reused by a later object never finds a stale state).
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from vllm_snapkv.backends.debug import DebugRecorder
@@ -25,13 +28,24 @@ DEBUG_ENV = "VLLM_SNAPKV_DEBUG"
 #: Compaction reports kept for this many most recent requests.
 MAX_REPORTED_REQUESTS = 4096
 
-#: id(vllm_config) -> the state of the SnapKV model runner built with it (one per runner).
-_BY_CONFIG: dict[int, RunnerState] = {}
+#: id(vllm_config) -> (a weak reference to that config, the state of the runner built with it).
+#: ``VllmConfig`` is unhashable, hence the id; the weak reference confirms the identity.
+_BY_CONFIG: dict[int, tuple[weakref.ref, RunnerState]] = {}
 
 
 def state_for(vllm_config: Any) -> RunnerState | None:
     """The state of the SnapKV model runner built with ``vllm_config`` (``None``: none)."""
-    return _BY_CONFIG.get(id(vllm_config))
+    entry = _BY_CONFIG.get(id(vllm_config))
+    return entry[1] if entry is not None and entry[0]() is vllm_config else None
+
+
+def _register(vllm_config: Any, state: RunnerState) -> None:
+    key = id(vllm_config)
+    try:
+        ref = weakref.ref(vllm_config, lambda _: _BY_CONFIG.pop(key, None))
+    except TypeError:  # not weak-referenceable (a test's plain object): keep it alive
+        ref = (lambda obj: (lambda: obj))(vllm_config)
+    _BY_CONFIG[key] = (ref, state)
 
 
 class RunnerState:
@@ -48,7 +62,7 @@ class RunnerState:
         self.fallbacks = 0  # compactions ranked without their window's queries (see compaction)
         # layer -> the cache layout the accessor uses (ISA, dtype, K/V packing), once known
         self.layouts: dict[str, str] = {}
-        _BY_CONFIG[id(vllm_config)] = self
+        _register(vllm_config, self)
 
     # -------------------------------------------------------------------------- lifecycle
 

@@ -173,7 +173,7 @@ def window_scores(
         queries: [Hq, w, d] post-RoPE queries of the last ``w = settings.window`` prompt positions.
         keys: [Hkv, N, d] post-RoPE keys of the whole prompt (N > w).
         settings: anything with ``window``, ``kernel``, ``pooling``, ``reduction`` and
-            ``gqa_aggregation`` (a :class:`~vllm_snapkv.settings.SnapKVSettings`).
+            ``gqa_aggregation`` (a :class:`~vllm_snapkv.settings.CompressionSettings`).
         tile_size: keys per tile. ``N <= tile_size`` takes the single-pass path (one
             ``[Hq, w, N]`` score tensor); longer prompts take the two-pass tiled path whose extra
             memory is ``O(Hq·w·tile_size + Hq·N)``. ``None``: ``DEFAULT_TILE_ELEMENTS // (Hq·w)``
