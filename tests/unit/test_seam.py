@@ -207,3 +207,63 @@ def test_every_override_of_a_vllm_method_is_declared_as_a_hook() -> None:
                 if not any(targets[d].rsplit(".", 1)[-1] == name for d in declared):
                     missing.append(f"{klass.__module__}.{klass.__qualname__}.{name}")
     assert missing == []
+
+
+def _in_vllm_class(bases: list[type], attr: str) -> bool:
+    """``attr`` is defined by one of the vLLM ``bases``: in its class body, or assigned on
+    ``self`` in its source."""
+    root = seam.installed_root()
+    for k in bases:
+        if attr in vars(k):
+            return True
+        path = seam._module_path(root, k.__module__)
+        tree = seam._parse(path) if path is not None else None
+        node = seam._find(tree.body, k.__qualname__.split(".")[0]) if tree is not None else None
+        if node is not None and seam._assigns_attribute(node, attr):
+            return True
+    return False
+
+
+def _self_attributes(fn, ctx: type) -> set[str]:
+    """Names ``fn`` reads (``ctx=ast.Load``) or assigns (``ast.Store``) on ``self``."""
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError):  # no source (made at run time): nothing to read
+        return set()
+    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "self" and isinstance(n.ctx, ctx)}
+
+
+def test_every_vllm_attribute_read_on_self_is_declared() -> None:
+    """In a plugin class with a vLLM base, a method that reads ``self.x`` where ``x`` is vLLM's
+    (not defined or assigned by the plugin's own classes) declares a hook of ``x`` with
+    ``@seam.uses`` / ``@seam.overrides``: a vLLM name used without a hook fails here."""
+    import inspect
+
+    targets = {h.name: h.target for h in seam.HOOKS}
+    undeclared = []
+    for cls in _plugin_classes():
+        bases = [k for k in cls.__mro__ if k.__module__.startswith("vllm.")]
+        mine = [k for k in cls.__mro__ if k.__module__.startswith("vllm_snapkv")]
+        own = set()
+        for k in mine:
+            own |= set(vars(k))
+            for fn in vars(k).values():
+                fn = getattr(fn, "__func__", fn)
+                if inspect.isfunction(fn):
+                    own |= _self_attributes(fn, ast.Store)
+        for k in mine:
+            for name, fn in vars(k).items():
+                fn = getattr(fn, "__func__", fn)
+                if not inspect.isfunction(fn) or fn.__code__.co_filename == "<string>":
+                    continue
+                declared = {targets[d].rsplit(".", 1)[-1] for d in
+                            (*getattr(fn, "__seam_uses__", ()),
+                             *getattr(fn, "__seam_overrides__", ()))}
+                undeclared += [f"{k.__qualname__}.{name}: self.{a}"
+                               for a in _self_attributes(fn, ast.Load) - own - declared
+                               if _in_vllm_class(bases, a)]
+    assert sorted(set(undeclared)) == []

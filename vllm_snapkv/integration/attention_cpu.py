@@ -74,6 +74,10 @@ class SnapKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         self._snapkv_state = state_for(vllm_config)
 
+    @seam.uses(
+        "CPUAttentionMetadataBuilder.is_cross_attention",
+        "CPUAttentionMetadataBuilder.is_encoder_only_attention",
+    )
     @seam.overrides("CPUAttentionMetadataBuilder.build")
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         active = not (self.is_cross_attention or self.is_encoder_only_attention)
@@ -130,6 +134,7 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
             acc = self._accessor = CPUCacheAccessor(kv_cache, layer.isa)
         return acc
 
+    @seam.uses("CPUAttentionBackendImpl.attn_type")
     @seam.uses(
         "CPUAttentionBackendImpl.num_heads",
         "CPUAttentionBackendImpl.head_size",

@@ -175,6 +175,7 @@ class SnapKVFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         self._snapkv_seq_lens: torch.Tensor | None = None
         self._snapkv_block_table: torch.Tensor | None = None
 
+    @seam.uses("AttentionMetadataBuilder.vllm_config")
     def snapkv_buffers(self, seq_lens: torch.Tensor,
                        block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Persistent output buffers for :func:`~vllm_snapkv.backends.plan.shift_rows`, sliced to this step's shape.
@@ -212,11 +213,20 @@ class SnapKVFlashAttentionImpl(FlashAttentionImpl):
 
     _snapkv_accessor: FlashAttnCacheAccessor | None = None
 
+    @seam.uses("FlashAttentionImpl.head_size", "FlashAttentionImpl.kv_cache_dtype")
     def _get_accessor(self) -> FlashAttnCacheAccessor:
         if self._snapkv_accessor is None:
             self._snapkv_accessor = FlashAttnCacheAccessor(self.head_size, self.kv_cache_dtype)
         return self._snapkv_accessor
 
+    @seam.uses(
+        "FlashAttentionImpl.alibi_slopes",
+        "FlashAttentionImpl.kv_cache_dtype",
+        "FlashAttentionImpl.kv_sharing_target_layer_name",
+        "FlashAttentionImpl.logits_soft_cap",
+        "FlashAttentionImpl.sinks",
+        "FlashAttentionImpl.sliding_window",
+    )
     def _snapkv_check_supported(self) -> None:
         reasons = []
         if tuple(self.sliding_window) != (-1, -1):
@@ -236,6 +246,12 @@ class SnapKVFlashAttentionImpl(FlashAttentionImpl):
                                       "supported with compression yet")
         check_kv_cache_dtype(self.kv_cache_dtype)
 
+    @seam.uses(
+        "FlashAttentionImpl.attn_type",
+        "FlashAttentionImpl.head_size",
+        "FlashAttentionImpl.num_heads",
+        "FlashAttentionImpl.scale",
+    )
     @seam.overrides("FlashAttentionImpl.forward")
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):

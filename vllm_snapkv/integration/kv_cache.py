@@ -43,6 +43,7 @@ class SnapKVAttentionSpec(FullAttentionSpec):
     """A full-attention layer whose requests may compact: vLLM's spec, managed by
     :class:`SnapKVFullAttentionManager`."""
 
+    @seam.uses("KVCacheSpec.block_size", "AttentionSpec.page_size_bytes")
     @seam.overrides("FullAttentionSpec.max_memory_usage_bytes")
     def max_memory_usage_bytes(self, vllm_config: Any) -> int:
         # With prompts compacted while read, one request needs far less than max_model_len of
@@ -85,6 +86,7 @@ class SnapKVFullAttentionManager(FullAttentionManager):
         #: request id -> tokens processed when its blocks were last freed.
         self._freed_at: dict[str, int] = {}
 
+    @seam.uses("SingleTypeKVCacheManager.block_size")
     @seam.uses(
         "KVCacheManager.allocate_slots frees skipped blocks",
         "KVCacheManager.allocate_slots",
@@ -121,6 +123,7 @@ class SnapKVFullAttentionManager(FullAttentionManager):
         if self.on_compacted is not None:
             self.on_compacted(request_id, done)
 
+    @seam.uses("SingleTypeKVCacheManager.block_size")
     @seam.uses("SingleTypeKVCacheManager.max_admission_blocks_per_request")
     @seam.uses("SingleTypeKVCacheManager.max_admission_blocks_per_request")
     @seam.overrides("SingleTypeKVCacheManager.get_num_blocks_to_allocate")

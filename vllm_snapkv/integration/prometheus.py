@@ -50,6 +50,11 @@ class SnapKVPromMetrics(KVConnectorPromMetrics):
     """The ``vllm:snapkv_*`` series, labelled ``model_name`` and ``engine`` like vLLM's own, plus
     ``method`` (per-request series), ``phase`` (evictions) or ``reason`` (skips)."""
 
+    @seam.uses(
+        "KVConnectorPromMetrics._counter_cls",
+        "KVConnectorPromMetrics._gauge_cls",
+        "KVConnectorPromMetrics._histogram_cls",
+    )
     @seam.overrides("KVConnectorPromMetrics.__init__")
     def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
                  per_engine_labelvalues: dict[int, list[object]]) -> None:

@@ -51,6 +51,7 @@ class SnapKVSchedulerMixin:
     snapkv_config: CompressionConfig
     snapkv_schedules: dict[str, Schedule]
 
+    @seam.uses("Scheduler.cache_config", "Scheduler.vllm_config")
     @seam.uses(
         "Scheduler.kv_cache_manager",
         "Scheduler.connector",

@@ -194,9 +194,11 @@ class SnapKVModelRunnerMixin:
 class SnapKVWorkerMixin:
     """The SnapKV worker RPCs (``LLM.collective_rpc``), shared by the CPU and GPU workers."""
 
+    @seam.uses("CPUWorker.model_runner")
     def _snapkv_state(self) -> RunnerState:
         return self.model_runner.snapkv_state  # type: ignore[attr-defined]
 
+    @seam.uses("CPUWorker.model_runner")
     def snapkv_report(self) -> dict:
         """Compactions done in this worker, the debug recorder's errors (if enabled), the cache
         layouts used."""
@@ -230,6 +232,7 @@ class SnapKVWorkerMixin:
                 out[layer] = wanted[-1][2].tolist()
         return out
 
+    @seam.uses("CPUWorker.model_runner")
     @seam.uses("GPUModelRunner.attn_groups")
     def snapkv_attention_impls(self) -> dict[str, str]:
         """Attention layer name -> impl class name, and the backend each group uses."""
