@@ -1,6 +1,7 @@
 # The two commands of the README. Both set up what they need first (idempotent); `make test`
 # also installs Debian's prometheus (the metrics tests scrape the real server with it).
-.PHONY: setup serve test test-parallel unit test-image bench bench-smoke check-vllm-sources
+.PHONY: setup serve test test-parallel unit test-image bench bench-smoke check-vllm-sources \
+	vllm-0.33-cpu test-vllm-0.33
 
 setup:
 	scripts/setup.sh
@@ -43,3 +44,13 @@ VLLM_RELEASE ?= 0.33.0
 check-vllm-sources: setup
 	.venv/bin/python -m vllm_snapkv.integration.seam
 	.venv/bin/python -m vllm_snapkv.integration.seam --release $(VLLM_RELEASE)
+
+# vLLM 0.33.0 built for CPU from its PyPI sdist into ~/.cache/vllm-snapkv (opt-in: ~55 min of
+# compiling on 2 cores the first time, then the cached wheel; what it changes to build here is
+# in docs/install.md), and the test suite run against it (TESTS="..." picks files).
+vllm-0.33-cpu:
+	VLLM_CPU_ONLY_C=$${VLLM_CPU_ONLY_C:-1} scripts/build-vllm-0.33-cpu.sh
+
+test-vllm-0.33: setup vllm-0.33-cpu
+	scripts/install-prometheus.sh
+	scripts/test-vllm-0.33.sh $(TESTS)

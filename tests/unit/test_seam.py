@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import inspect
 import shutil
 import subprocess
@@ -27,7 +28,8 @@ PACKAGE = REPO / "vllm_snapkv"
 
 def test_installed_vllm_holds_every_hook() -> None:
     assert seam.check() == {}
-    assert seam.tree_version(seam.installed_root()).startswith("0.32")
+    version = seam.tree_version(seam.installed_root())
+    assert seam.parse_release(version)[:2] in ((0, 32), (0, 33)), version
     assert not seam.feature("streams_kv_transfer_params")
     assert not seam.feature("prefix_hit_cap")
 
@@ -67,15 +69,17 @@ def test_a_changed_internal_is_reported_by_name(tmp_path: Path) -> None:
     # A vLLM that renamed the chunk hook, and one whose prefix-hit method grew a required
     # parameter (an override taking the old arguments would raise on the first request).
     text = text.replace("_reserve_prefill_lookahead", "_reserve_lookahead")
-    text = text.replace("def _get_local_prefix_cache_hit(\n        self, request: Request\n",
-                        "def _get_local_prefix_cache_hit(\n        self, request: Request, "
-                        "cap: int\n")
+    # (0.32: ``(self, request)``; 0.33: ``(self, request, max_cache_hit_length=None)``)
+    text, n = re.subn(r"def _get_local_prefix_cache_hit\(\s*self,\s*request: Request",
+                      "def _get_local_prefix_cache_hit(self, request: Request, cap: int",
+                      text)
+    assert n == 1
     sched.write_text(text)
     problems = seam.check_tree(tmp_path, hooks)
     assert set(problems) == {"Scheduler._reserve_prefill_lookahead",
                              "Scheduler._get_local_prefix_cache_hit",
                              "Scheduler.schedule cuts chunks"}
-    assert "takes (self, request, cap)" in problems["Scheduler._get_local_prefix_cache_hit"]
+    assert "takes (self, request, cap" in problems["Scheduler._get_local_prefix_cache_hit"]
     assert "no longer calls _reserve_prefill_lookahead" in \
         problems["Scheduler.schedule cuts chunks"]
 
@@ -114,7 +118,7 @@ else:
                          timeout=300, cwd=REPO)
     assert "REFUSED" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     msg = out.stdout[out.stdout.index("REFUSED"):]
-    assert "vLLM 0.32.0" in msg and "Scheduler.gone" in msg and "Scheduler.gone not found" in msg
+    assert f"vLLM {seam.tree_version(seam.installed_root())}" in msg and "Scheduler.gone" in msg and "Scheduler.gone not found" in msg
 
 
 def test_only_the_seam_imports_vllm() -> None:

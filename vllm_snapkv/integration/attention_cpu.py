@@ -100,14 +100,6 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
         "CPUAttentionBackendImpl.logits_soft_cap",
         "CPUAttentionBackendImpl.is_fp8_kv_cache",
     )
-    @seam.uses(
-        "CPUAttentionBackendImpl.attn_type",
-        "CPUAttentionBackendImpl.sliding_window",
-        "CPUAttentionBackendImpl.alibi_slopes",
-        "CPUAttentionBackendImpl.sinks",
-        "CPUAttentionBackendImpl.logits_soft_cap",
-        "CPUAttentionBackendImpl.is_fp8_kv_cache",
-    )
     @seam.overrides("CPUAttentionBackendImpl.__init__")
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -135,11 +127,6 @@ class SnapKVCPUImpl(CPUAttentionBackendImpl):
         return acc
 
     @seam.uses("CPUAttentionBackendImpl.attn_type")
-    @seam.uses(
-        "CPUAttentionBackendImpl.num_heads",
-        "CPUAttentionBackendImpl.head_size",
-        "CPUAttentionBackendImpl.scale",
-    )
     @seam.uses(
         "CPUAttentionBackendImpl.num_heads",
         "CPUAttentionBackendImpl.head_size",

@@ -90,7 +90,6 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
     off the hybrid KV-cache manager."""
 
     @seam.uses("GroupCoordinator.rank_in_group")
-    @seam.uses("GroupCoordinator.rank_in_group")
     @seam.overrides("KVConnectorBase_V1.__init__")
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
                  ) -> None:

@@ -94,13 +94,6 @@ class SnapKVFullAttentionManager(FullAttentionManager):
         "SingleTypeKVCacheManager.req_to_blocks",
         "SingleTypeKVCacheManager._null_block",
     )
-    @seam.uses(
-        "KVCacheManager.allocate_slots frees skipped blocks",
-        "KVCacheManager.allocate_slots",
-        "SingleTypeKVCacheManager._remove_blocks_in_range",
-        "SingleTypeKVCacheManager.req_to_blocks",
-        "SingleTypeKVCacheManager._null_block",
-    )
     @seam.overrides("SingleTypeKVCacheManager.remove_skipped_blocks")
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -124,7 +117,6 @@ class SnapKVFullAttentionManager(FullAttentionManager):
             self.on_compacted(request_id, done)
 
     @seam.uses("SingleTypeKVCacheManager.block_size")
-    @seam.uses("SingleTypeKVCacheManager.max_admission_blocks_per_request")
     @seam.uses("SingleTypeKVCacheManager.max_admission_blocks_per_request")
     @seam.overrides("SingleTypeKVCacheManager.get_num_blocks_to_allocate")
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args: Any,
@@ -154,7 +146,6 @@ class SnapKVFullAttentionManager(FullAttentionManager):
         super().free(request_id)
 
     @seam.uses("SingleTypeKVCacheManager.cache_blocks")
-    @seam.uses("SingleTypeKVCacheManager.cache_blocks")
     @seam.overrides("FullAttentionManager.cache_blocks")
     def cache_blocks(self, request: Any, num_tokens: int, retention_interval: int | None = None,
                      *, replay_boundaries: Sequence[int]) -> None:
@@ -170,11 +161,25 @@ class SnapKVFullAttentionManager(FullAttentionManager):
     "KVCacheSpecRegistry._ensure_registered",
     "register_all_kvcache_specs",
 )
-@seam.uses(
-    "KVCacheSpecRegistry.register",
-    "KVCacheSpecRegistry._ensure_registered",
-    "register_all_kvcache_specs",
-)
+@seam.uses("CacheConfig.block_size", "CacheConfig.user_specified_block_size")
+def configured_block_size(vllm_config: Any) -> int:
+    """The block size the engine will allocate with, as known outside the worker.
+
+    vLLM 0.33 keeps ``CacheConfig``'s default (16) until the worker resolves the backend's
+    (``CpuPlatform.update_block_size_for_backend``: 128 on CPU), after the config is built and
+    after the model runner exists; 0.32 set 128 while building the config. So on CPU a size the
+    user did not choose is the CPU backend's 128; a chosen one, or any size on CUDA, is read."""
+    cache = vllm_config.cache_config
+    if seam.get("current_platform").is_cpu() and not cache.user_specified_block_size:
+        return CPU_BLOCK_SIZE
+    return int(cache.block_size or 0) or DEFAULT_BLOCK_SIZE
+
+
+#: vLLM's KV block size on CPU, and elsewhere, when the user sets none.
+CPU_BLOCK_SIZE = 128
+DEFAULT_BLOCK_SIZE = 16
+
+
 def register_spec(vllm_config: Any) -> None:
     """Register :class:`SnapKVAttentionSpec` -> :class:`SnapKVFullAttentionManager` in this
     process (after vLLM's own specs: the registry registers those only while it is empty).

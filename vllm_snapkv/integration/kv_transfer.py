@@ -120,7 +120,6 @@ def _connector_class(entry: Mapping[str, Any]) -> type:
 
 
 @seam.uses("EngineArgs.kv_transfer_config", "EngineArgs.kv_offloading_size")
-@seam.uses("EngineArgs.kv_transfer_config", "EngineArgs.kv_offloading_size")
 def check_kv_transfer(engine_args: Any) -> None:
     """Refuse (``ValueError``, one line naming the flag) KV-transfer settings that cannot work
     with compression on: ``--kv-offloading-size`` (vLLM's offloading connector) and any
@@ -164,7 +163,6 @@ CPU_RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 
 @seam.uses("EngineArgs.tensor_parallel_size", "EngineArgs.pipeline_parallel_size")
-@seam.uses("EngineArgs.tensor_parallel_size", "EngineArgs.pipeline_parallel_size")
 def keep_cpu_core_reservation(engine_args: Any) -> None:
     """On CPU, keep the compute cores vanilla vLLM would have, despite our connector.
 
@@ -187,7 +185,6 @@ def keep_cpu_core_reservation(engine_args: Any) -> None:
     os.environ[CPU_RESERVED_ENV] = str(ranks if per_rank else 1)
 
 
-@seam.uses("MultiConnector.sub_connectors")
 @seam.uses("MultiConnector.sub_connectors")
 def find_connector(connector: Any) -> Any:
     """The SnapKV connector inside the scheduler's connector (itself or a MultiConnector child)."""

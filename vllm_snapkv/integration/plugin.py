@@ -45,7 +45,6 @@ V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 @seam.uses("EngineArgs.scheduler_cls")
-@seam.uses("EngineArgs.scheduler_cls")
 def _wire_engine_args(engine_args: Any) -> CompressionConfig:
     """Validate the compression config and add what it needs to ``engine_args``."""
     config = CompressionConfig.from_additional_config(engine_args.additional_config)
@@ -80,16 +79,15 @@ def _prepare_engine_env() -> None:
 
 
 @seam.uses("CompilationConfig.mode", "EngineArgs.worker_cls")
-@seam.uses("CompilationConfig.mode", "EngineArgs.worker_cls")
 def _wire_vllm_config(vllm_config: Any) -> None:
     """Point the engine at the plugin's scheduler, worker and (CUDA) attention backend."""
+    from vllm_snapkv.integration import kv_cache
     from vllm_snapkv.integration.scheduler import scheduler_class_for
 
     current_platform = seam.get("current_platform")
     try:
         CompressionConfig.from_vllm_config(vllm_config).check_block_size(
-            int(vllm_config.cache_config.block_size or 0)
-            or _default_block_size(current_platform))
+            kv_cache.configured_block_size(vllm_config))
     except SettingsError as err:
         raise ValueError(cli.error_message(err)) from None
     _check_pool_fits(vllm_config, current_platform)
@@ -214,7 +212,9 @@ def _check_pool_fits(vllm_config: Any, current_platform: Any) -> None:
     config = CompressionConfig.from_vllm_config(vllm_config)
     if not capacity.relaxed(config):
         return
-    bs = int(vllm_config.cache_config.block_size or 0) or _default_block_size(current_platform)
+    from vllm_snapkv.integration import kv_cache
+
+    bs = kv_cache.configured_block_size(vllm_config)
     known = _known_pool_blocks(vllm_config, bs)
     if known is None:
         return
@@ -235,12 +235,6 @@ def _default_block_size(current_platform: Any) -> int:
     return 128 if current_platform.is_cpu() else 16
 
 
-@seam.uses(
-    "EngineArgs.add_cli_args",
-    "EngineArgs.from_cli_args",
-    "EngineArgs.create_engine_config",
-    "EngineArgs.additional_config",
-)
 @seam.uses(
     "EngineArgs.add_cli_args",
     "EngineArgs.from_cli_args",

@@ -105,16 +105,6 @@ def install() -> bool:
         "SchedulerConfig.long_prefill_token_threshold",
         "CacheConfig.num_gpu_blocks",
     )
-    @seam.uses(
-        "InputProcessor.process_inputs",
-        "InputProcessor.vllm_config",
-        "EngineCoreRequest.prompt_token_ids",
-        "EngineCoreRequest.prompt_embeds",
-        "EngineCoreRequest.sampling_params",
-        "SchedulerConfig.max_num_batched_tokens",
-        "SchedulerConfig.long_prefill_token_threshold",
-        "CacheConfig.num_gpu_blocks",
-    )
     @functools.wraps(original)
     def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
         request = original(self, *args, **kwargs)
@@ -129,8 +119,10 @@ def install() -> bool:
                 sched = vllm_config.scheduler_config
                 chunk = min(x for x in (sched.max_num_batched_tokens,
                                         sched.long_prefill_token_threshold) if x)
+            from vllm_snapkv.integration.kv_cache import configured_block_size
+
             check_request(config, prompt_len, request.sampling_params,
-                          int(cache.block_size), cache.num_gpu_blocks, chunk)
+                          configured_block_size(vllm_config), cache.num_gpu_blocks, chunk)
         return request
 
     cls.process_inputs = process_inputs

@@ -58,12 +58,6 @@ class SnapKVSchedulerMixin:
         "KVCacheManager.coordinator",
         "KVCacheCoordinator.single_type_managers",
     )
-    @seam.uses(
-        "Scheduler.kv_cache_manager",
-        "Scheduler.connector",
-        "KVCacheManager.coordinator",
-        "KVCacheCoordinator.single_type_managers",
-    )
     def _snapkv_init(self) -> None:
         self.snapkv_config = CompressionConfig.from_vllm_config(self.vllm_config)
         self.snapkv_schedules = {}
@@ -97,7 +91,6 @@ class SnapKVSchedulerMixin:
     # ------------------------------------------------------------------ vLLM's decisions
 
     @seam.uses("Scheduler.requests", "Request.num_prompt_tokens", "Request.sampling_params")
-    @seam.uses("Scheduler.requests", "Request.num_prompt_tokens", "Request.sampling_params")
     @seam.overrides("Scheduler.add_request")
     def add_request(self, request: Any) -> None:
         if request.request_id not in self.requests:
@@ -109,7 +102,6 @@ class SnapKVSchedulerMixin:
                 self.snapkv_schedules[request.request_id] = schedule
         super().add_request(request)  # type: ignore[misc]
 
-    @seam.uses("Scheduler.schedule cuts chunks")
     @seam.uses("Scheduler.schedule cuts chunks")
     @seam.overrides("Scheduler._reserve_prefill_lookahead")
     def _reserve_prefill_lookahead(self, request: Any, num_computed_tokens: int,

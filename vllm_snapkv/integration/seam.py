@@ -487,6 +487,13 @@ HOOKS: tuple[Hook, ...] = (
          why="read on self by the subclass"),
     Hook("Scheduler.vllm_config", "vllm.v1.core.sched.scheduler", "Scheduler.vllm_config", "attribute",
          why="read on self by the subclass"),
+    Hook("GPUModelRunner.vllm_config", _RUNNER, "GPUModelRunner.vllm_config", "attribute",
+         why="the runner reads the engine's block size from it when a request is planned"),
+    Hook("CacheConfig.block_size", "vllm.config.cache", "CacheConfig.block_size", "attribute",
+         why="schedules are in the scheduler's blocks (resolved late on vLLM 0.33's CPU)"),
+    Hook("CacheConfig.user_specified_block_size", "vllm.config.cache",
+         "CacheConfig.user_specified_block_size", "attribute",
+         why="a block size the user did not choose is resolved late (vLLM 0.33)"),
 )
 
 #: vLLM names only the tests use: resolvable with :func:`get`, never checked at start-up.

@@ -78,7 +78,6 @@ def _install_backend(slot: str, path: str) -> None:
 
 
 @seam.uses("AttentionBackendEnum.CPU_ATTN")
-@seam.uses("AttentionBackendEnum.CPU_ATTN")
 def install_cpu_backend() -> None:
     """Make ``CPU_ATTN`` resolve to the SnapKV CPU backend in this process (idempotent)."""
     _install_backend("CPU_ATTN", CPU_BACKEND_PATH)
@@ -113,11 +112,19 @@ class SnapKVModelRunnerMixin:
         self.snapkv_state = RunnerState(vllm_config)
         super().__init__(vllm_config, device)  # type: ignore[call-arg]
         self.snapkv_config = CompressionConfig.from_vllm_config(vllm_config)
-        # The block size the scheduler allocates with (schedules must match its exactly).
-        self.snapkv_block_size = int(vllm_config.cache_config.block_size)
         # req_id -> (prompt_len, RequestPlan | None): pure functions of the request, cached.
         self._snapkv_plans: dict[str, tuple[int, Any]] = {}
         self._snapkv_in_step = False
+
+    @property
+    @seam.uses("GPUModelRunner.vllm_config", "CacheConfig.block_size")
+    def snapkv_block_size(self) -> int:
+        """The block size the scheduler allocates with (schedules must match its exactly).
+
+        Read when used, not at construction: vLLM 0.33 resolves the CPU default (128) in the
+        worker process after the model runner is built (``update_block_size_for_backend``, in
+        place on this config); while ``__init__`` runs it is still ``CacheConfig``'s 16."""
+        return int(self.vllm_config.cache_config.block_size)  # type: ignore[attr-defined]
 
     # -- request lifecycle --------------------------------------------------------------------
 
@@ -132,7 +139,6 @@ class SnapKVModelRunnerMixin:
         return super()._update_states(scheduler_output)  # type: ignore[misc]
 
     @seam.uses("GPUModelRunner.requests")
-    @seam.uses("GPUModelRunner.requests")
     def _snapkv_plan(self, req_id: str, prompt_len: int):
         cached = self._snapkv_plans.get(req_id)
         if cached is not None and cached[0] == prompt_len:
@@ -146,13 +152,6 @@ class SnapKVModelRunnerMixin:
         self._snapkv_plans[req_id] = (prompt_len, plan)
         return plan
 
-    @seam.uses(
-        "GPUModelRunner.input_batch",
-        "InputBatch.num_computed_tokens_cpu",
-        "InputBatch.num_prompt_tokens",
-        "InputBatch.req_ids",
-        "InputBatch.num_reqs",
-    )
     @seam.uses(
         "GPUModelRunner.input_batch",
         "InputBatch.num_computed_tokens_cpu",
@@ -282,7 +281,6 @@ def _build_cpu_classes() -> dict[str, type]:
             install_cpu_backend()
 
         @seam.uses("Worker.use_v2_model_runner")
-        @seam.uses("Worker.use_v2_model_runner")
         @seam.overrides("CPUWorker.init_device builds CPUModelRunner")
         def init_device(self):
             if getattr(self, "use_v2_model_runner", False):
@@ -339,7 +337,6 @@ def _build_gpu_classes() -> dict[str, type]:
             "SnapKVGPUWorker": _named(SnapKVGPUWorker, "SnapKVGPUWorker")}
 
 
-@seam.uses("AttentionBackendEnum.CUSTOM", "AttentionBackendEnum.FLASH_ATTN")
 @seam.uses("AttentionBackendEnum.CUSTOM", "AttentionBackendEnum.FLASH_ATTN")
 def _require_custom_backend(vllm_config) -> None:
     """The GPU worker's attention must be the SnapKV backend: the scheduler frees evicted
