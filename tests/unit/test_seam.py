@@ -29,9 +29,11 @@ PACKAGE = REPO / "vllm_snapkv"
 def test_installed_vllm_holds_every_hook() -> None:
     assert seam.check() == {}
     version = seam.tree_version(seam.installed_root())
-    assert seam.parse_release(version)[:2] in ((0, 32), (0, 33)), version
-    assert not seam.feature("streams_kv_transfer_params")
-    assert not seam.feature("prefix_hit_cap")
+    minor = seam.parse_release(version)[:2]
+    assert minor in ((0, 32), (0, 33)), version
+    # 0.33 streams kv_transfer_params itself and caps prefix hits natively; 0.32 does neither.
+    assert seam.feature("streams_kv_transfer_params") == (minor == (0, 33))
+    assert seam.feature("prefix_hit_cap") == (minor == (0, 33))
 
 
 @pytest.fixture(scope="module")
