@@ -20,10 +20,8 @@ Pure arithmetic on CPU tensors and Python objects, no vLLM import.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,11 +30,9 @@ from vllm_snapkv.schedule import Compaction, Schedule
 from vllm_snapkv.settings import CompressionSettings
 
 if TYPE_CHECKING:
-    from vllm_snapkv.backends.state import RunnerState
     from vllm_snapkv.config import RequestPlan
 
-__all__ = ["RowPlan", "RowState", "StepPlan", "build_metadata", "plan_step",
-           "shift_common_metadata", "shift_rows"]
+__all__ = ["RowPlan", "RowState", "StepPlan", "plan_step", "shift_rows"]
 
 
 @dataclass(frozen=True)

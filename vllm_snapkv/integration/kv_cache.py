@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm_snapkv.integration import seam
+from vllm_snapkv.integration.plugin import _default_block_size
 
 if TYPE_CHECKING:
     from vllm_snapkv.schedule import Compaction, Schedule
@@ -171,13 +172,8 @@ def configured_block_size(vllm_config: Any) -> int:
     user did not choose is the CPU backend's 128; a chosen one, or any size on CUDA, is read."""
     cache = vllm_config.cache_config
     if seam.get("current_platform").is_cpu() and not cache.user_specified_block_size:
-        return CPU_BLOCK_SIZE
-    return int(cache.block_size or 0) or DEFAULT_BLOCK_SIZE
-
-
-#: vLLM's KV block size on CPU, and elsewhere, when the user sets none.
-CPU_BLOCK_SIZE = 128
-DEFAULT_BLOCK_SIZE = 16
+        return _default_block_size(seam.get("current_platform"))
+    return int(cache.block_size or 0) or _default_block_size(seam.get("current_platform"))
 
 
 def register_spec(vllm_config: Any) -> None:
