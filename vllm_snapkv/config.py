@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_snapkv.methods import method_names
-from vllm_snapkv.schedule import Schedule, round_to_blocks
+from vllm_snapkv.schedule import TRIGGERS, Schedule, round_to_blocks
 from vllm_snapkv.selection import kept_count
 from vllm_snapkv.settings import (
     DEFAULT_DECODE_INTERVAL,
@@ -90,11 +90,15 @@ class CompressionConfig:
             ``method`` is :attr:`method`.
         min_prompt: prompts shorter than this many tokens are never compressed while read or at
             their end (decode compaction, when on, still bounds their output).
+        trigger: ``"always"`` (compactions at their scheduled points) or ``"pressure"`` (the
+            prompt and decode budgets apply when the scheduler runs short of blocks:
+            :mod:`vllm_snapkv.schedule`).
     """
 
     method: str = OFF
     settings: CompressionSettings | None = None
     min_prompt: int = 0
+    trigger: str = "always"
 
     def __post_init__(self) -> None:
         if self.method not in methods():
@@ -104,6 +108,8 @@ class CompressionConfig:
         if isinstance(self.min_prompt, bool) or not isinstance(self.min_prompt, int) \
                 or self.min_prompt < 0:
             raise SettingsError("min_prompt", self.min_prompt, "must be an integer >= 0")
+        if self.trigger not in TRIGGERS:
+            raise SettingsError("trigger", self.trigger, f"must be one of {', '.join(TRIGGERS)}")
 
     @property
     def enabled(self) -> bool:
@@ -139,12 +145,14 @@ class CompressionConfig:
             raise SettingsError("method", raw["method"],
                                 f"choose the method with kv_compression ({', '.join(methods())})")
         min_prompt = raw.pop("min_prompt", 0)
+        trigger = raw.pop("trigger", "always")
         if method == OFF:
-            return cls(method=OFF, settings=None, min_prompt=min_prompt)
+            return cls(method=OFF, settings=None, min_prompt=min_prompt, trigger=trigger)
         if "budget" not in raw and "ratio" not in raw:
             raw["budget"] = DEFAULT_BUDGET
         raw["method"] = method
-        return cls(method=method, settings=CompressionSettings.from_dict(raw), min_prompt=min_prompt)
+        return cls(method=method, settings=CompressionSettings.from_dict(raw),
+                   min_prompt=min_prompt, trigger=trigger)
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> CompressionConfig:
@@ -157,7 +165,8 @@ class CompressionConfig:
         if self.settings is not None:
             settings = {k: v for k, v in self.settings.to_dict().items() if v is not None}
             del settings["method"]  # carried by kv_compression
-            out[SETTINGS_KEY] = {**settings, "min_prompt": self.min_prompt}
+            out[SETTINGS_KEY] = {**settings, "min_prompt": self.min_prompt,
+                                 "trigger": self.trigger}
         return out
 
     def check_block_size(self, block_size: int) -> None:
@@ -218,15 +227,23 @@ class CompressionConfig:
             # Name the request field the client actually sent: the setting's public name.
             raise SettingsError(public_name(err.setting), err.value, err.allowed) from None
 
+    @property
+    def pressure(self) -> bool:
+        """Whether budgets apply only when the scheduler runs short of blocks."""
+        return self.enabled and self.trigger == "pressure"
+
     def request_plan(self, prompt_len: int, block_size: int,
-                     extra_args: Mapping[str, Any] | None) -> RequestPlan | None:
+                     extra_args: Mapping[str, Any] | None,
+                     orders: tuple[int, ...] = ()) -> RequestPlan | None:
         """The request's settings and compactions, or ``None`` when it never compacts.
 
         The prompt compacts at its end (or at ``compact_at``) when it is at least ``min_prompt``
         long and the part before that point is longer than its kept count (and that frees a
         block); while it is read when ``prefill_budget`` is set (same ``min_prompt`` rule);
-        during decode when ``decode_budget`` is set. Raises :class:`SettingsError` for a
-        ``compact_at`` outside this prompt.
+        during decode when ``decode_budget`` is set. Under ``trigger="pressure"`` the prompt
+        and decode budgets are ceilings applied at ``orders``, the points the scheduler ordered
+        compactions at (the plan exists whenever a ceiling does). Raises
+        :class:`SettingsError` for a ``compact_at`` outside this prompt.
         """
         settings = self.request_settings(extra_args)
         if settings is None:
@@ -250,13 +267,16 @@ class CompressionConfig:
             decode_budget=settings.decode_budget,
             decode_interval=_interval(settings.decode_interval, DEFAULT_DECODE_INTERVAL,
                                       block_size),
+            trigger=self.trigger,
+            orders=tuple(orders),
         )
         return RequestPlan(settings, schedule) if schedule.compresses else None
 
     def schedule(self, prompt_len: int, block_size: int,
-                 extra_args: Mapping[str, Any] | None) -> Schedule | None:
+                 extra_args: Mapping[str, Any] | None,
+                 orders: tuple[int, ...] = ()) -> Schedule | None:
         """:meth:`request_plan`'s schedule (``None``: the request never compacts)."""
-        plan = self.request_plan(prompt_len, block_size, extra_args)
+        plan = self.request_plan(prompt_len, block_size, extra_args, orders)
         return None if plan is None else plan.schedule
 
 

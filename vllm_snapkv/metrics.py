@@ -22,7 +22,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_snapkv.schedule import Compaction, Schedule
+from vllm_snapkv.schedule import REASONS, Compaction, Schedule
 
 #: Key of the per-request summary inside ``kv_transfer_params``.
 RESPONSE_KEY = "snapkv"
@@ -39,6 +39,7 @@ M_FREED = "vllm:snapkv_freed_blocks"
 M_SELECTION = "vllm:snapkv_selection_seconds"
 M_SAVED = "vllm:snapkv_blocks_saved"
 M_COMPACTIONS = "vllm:snapkv_compactions"
+M_RUNS = "vllm:snapkv_compaction_runs"
 
 #: Why a finished request was not compressed (label ``reason`` of the skipped counter).
 SKIP_OPTED_OUT = "opted_out"  # vllm_xargs kv_compression=none
@@ -66,7 +67,9 @@ def request_summary(prompt_len: int, schedule: Schedule | None, progress: int,
     a preemption count once); ``processed``: tokens processed in all. ``kept_tokens`` is per KV
     head, after the prompt phase (the prompt when it was left whole); ``evicted_tokens`` and
     ``freed_blocks`` count every compaction (prefill, prompt, decode); ``final_kept_tokens`` is
-    what the request attended at its end; ``ratio`` is ``kept_tokens / prompt_tokens``.
+    what the request attended at its end; ``ratio`` is ``kept_tokens / prompt_tokens``;
+    ``reasons`` counts the compactions by why they ran (``schedule``, or ``pressure``: ordered
+    by the scheduler when its pool ran short).
     """
     evicted = schedule.evicted_at(progress) if schedule is not None else 0
     done = schedule.compactions_done(progress) if schedule is not None else 0
@@ -78,6 +81,10 @@ def request_summary(prompt_len: int, schedule: Schedule | None, progress: int,
         kept = prompt_len - schedule.evicted_at(prompt_len)
     bs = schedule.block_size if schedule is not None else 1
     total = max(processed, progress)
+    reasons = {r: 0 for r in REASONS}
+    if schedule is not None:
+        for c in schedule.compactions(progress):
+            reasons[c.reason] += 1
     return {
         "compressed": bool(done),
         "method": schedule.method if schedule is not None else None,
@@ -88,6 +95,7 @@ def request_summary(prompt_len: int, schedule: Schedule | None, progress: int,
         "compactions": int(done),
         "final_kept_tokens": int(max(0, total - evicted)),
         "ratio": (kept / prompt_len) if prompt_len else 1.0,
+        "reasons": reasons,
     }
 
 
@@ -112,6 +120,8 @@ def empty_data() -> dict[str, Any]:
         "freed": {},
         # reason -> count of finished requests that were not compressed
         "skipped": {},
+        # reason (schedule, pressure) -> compactions run (each counted once)
+        "runs": {},
         # request id -> pipeline stage -> selection seconds of that stage's layers (worker
         # side; max over a stage's tensor-parallel workers, summed over stages when read)
         "selection_s": {},
@@ -133,7 +143,7 @@ def aggregate_data(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]
     same time, in parallel), the gauge takes the later value."""
     out = empty_data()
     out["compressed"] = list(a.get("compressed") or []) + list(b.get("compressed") or [])
-    for key in ("evicted", "freed", "skipped"):
+    for key in ("evicted", "freed", "skipped", "runs"):
         out[key] = _add_counts(a.get(key), b.get(key))
     sel = {rid: dict(stages) for rid, stages in (a.get("selection_s") or {}).items()}
     for rid, stages in (b.get("selection_s") or {}).items():
@@ -155,7 +165,8 @@ def selection_seconds(data: Mapping[str, Any]) -> dict[str, float]:
 
 def data_is_empty(data: Mapping[str, Any]) -> bool:
     return (not data.get("compressed") and not data.get("skipped") and not data.get("evicted")
-            and not data.get("selection_s") and data.get("blocks_saved") is None)
+            and not data.get("runs") and not data.get("selection_s")
+            and data.get("blocks_saved") is None)
 
 
 def interval_summary(data: Mapping[str, Any]) -> dict[str, int | float]:
@@ -210,6 +221,8 @@ class StatsRecorder:
             ev[c.phase] = ev.get(c.phase, 0) + c.evicted - c.prior
             fr = self._pending["freed"]
             fr[c.phase] = fr.get(c.phase, 0) + c.freed_blocks(block_size)
+            runs = self._pending["runs"]
+            runs[c.reason] = runs.get(c.reason, 0) + 1
             progress = c.at
         self._progress[request_id] = progress
 

@@ -37,18 +37,33 @@ of tokens processed, so the scheduler (which frees blocks and caps prefill chunk
 points) and every worker (which compacts and shifts the attention metadata) evaluate it
 independently and agree without a channel. A preempted request starts over from 0 tokens and
 meets the same compactions again.
+
+**Under pressure** (``trigger="pressure"``) the prompt and decode budgets are ceilings, not
+points: the prompt and decode phases above do not run by themselves. The scheduler *orders* a
+compaction when its pool runs short (:meth:`Schedule.pressure_order`), and the schedule is then
+a pure function of (prompt length, settings, block size, the orders so far): each ordered point
+``a`` keeps ``t(a)`` — the prompt target when ``a`` is the prompt's compaction point, else the
+decode budget (or, without one, the prompt target) — with ``E = floor((a - t) / bs) * bs``. The
+orders are the one thing the scheduler has to tell the workers (the connector's metadata); they
+stay with the request, so a preempted request recomputes through the same compactions. The
+prefill phase, which is what lets a prompt larger than the pool be read at all, stays scheduled.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-__all__ = ["PHASES", "Compaction", "Schedule", "round_to_blocks"]
+__all__ = ["PHASES", "REASONS", "TRIGGERS", "Compaction", "Schedule", "round_to_blocks"]
 
 #: Compaction phases, in the order a request meets them.
 PHASES: tuple[str, ...] = ("prefill", "prompt", "decode")
+#: Why a compaction runs: its place in the schedule, or the scheduler's order under pressure.
+REASONS: tuple[str, ...] = ("schedule", "pressure")
+#: When the prompt and decode budgets apply: at their points (``always``), or only when the
+#: scheduler runs short of blocks (``pressure``).
+TRIGGERS: tuple[str, ...] = ("always", "pressure")
 
 
 def round_to_blocks(tokens: int, block_size: int) -> int:
@@ -67,6 +82,7 @@ class Compaction:
         evicted: slots ``[0, evicted)`` are evicted after it (a multiple of the block size).
         phase: ``"prefill"``, ``"prompt"`` or ``"decode"``.
         method: the method that ranks the slots.
+        reason: ``"schedule"`` or ``"pressure"`` (ordered by the scheduler).
     """
 
     at: int
@@ -74,6 +90,7 @@ class Compaction:
     evicted: int
     phase: str
     method: str
+    reason: str = "schedule"
 
     @property
     def kept(self) -> int:
@@ -104,6 +121,9 @@ class Schedule:
         prefill_budget / prefill_interval / prefill_method: the prefill phase (``None`` budget:
             off).
         decode_budget / decode_interval: the decode phase (``None`` budget: off).
+        trigger: ``"always"`` (the phases above) or ``"pressure"`` (prompt and decode budgets are
+            ceilings that apply at the scheduler's :attr:`orders`).
+        orders: under ``pressure``, the points the scheduler ordered compactions at, ascending.
     """
 
     prompt_len: int
@@ -116,6 +136,8 @@ class Schedule:
     prefill_method: str = ""
     decode_budget: int | None = None
     decode_interval: int = 0
+    trigger: str = "always"
+    orders: tuple[int, ...] = ()
     _finite: tuple[Compaction, ...] = field(init=False, repr=False, compare=False)
     _finite_at: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -132,6 +154,11 @@ class Schedule:
         point = n if self.prompt_at is None else self.prompt_at
         if self.prompt_at is not None and not 1 <= point <= n:
             raise ValueError(f"prompt_at={self.prompt_at} must be in [1, {n}]")
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"trigger={self.trigger!r} must be one of {TRIGGERS}")
+        if self.orders and (self.trigger != "pressure" or any(
+                b <= a for a, b in zip(self.orders, self.orders[1:])) or self.orders[0] < 1):
+            raise ValueError(f"orders={self.orders} need trigger='pressure' and must ascend")
         events: list[Compaction] = []
         evicted = 0
         if self.prefill_budget is not None:
@@ -140,6 +167,15 @@ class Schedule:
                 events.append(Compaction(p + k * c, evicted, k * c, "prefill",
                                          self.prefill_method or self.method))
                 evicted = k * c
+        if self.trigger == "pressure":
+            for a in self.orders:
+                c = self._ordered(a, evicted)
+                if c is not None and (not events or a > events[-1].at):
+                    events.append(c)
+                    evicted = c.evicted
+            object.__setattr__(self, "_finite", tuple(events))
+            object.__setattr__(self, "_finite_at", tuple(c.at for c in events))
+            return
         if self.prompt_target is not None and self.prompt_target < point:
             e = (point - self.prompt_target) // bs * bs
             if e > evicted:
@@ -157,8 +193,54 @@ class Schedule:
 
     @property
     def compresses(self) -> bool:
-        """Whether the request ever compacts (whatever its output length)."""
+        """Whether the request ever compacts (whatever its output length); under ``pressure``,
+        whether it may (a prompt or decode ceiling exists)."""
+        if self.trigger == "pressure":
+            return bool(self._finite) or self.prompt_target is not None \
+                or self.decode_budget is not None
         return bool(self._finite)
+
+    # -------------------------------------------------------------------------- pressure
+
+    @property
+    def point(self) -> int:
+        """Where the prompt compaction runs: ``prompt_at``, else the prompt's end."""
+        return self.prompt_len if self.prompt_at is None else self.prompt_at
+
+    def _ordered(self, at: int, prior: int) -> Compaction | None:
+        """The compaction an order at ``at`` makes after ``prior`` slots were evicted (``None``:
+        it would free no block)."""
+        if at == self.point or at <= self.prompt_len:
+            target = self.prompt_target
+        else:
+            target = self.decode_budget if self.decode_budget is not None else self.prompt_target
+        if target is None:
+            return None
+        evicted = (at - target) // self.block_size * self.block_size
+        if evicted <= prior:
+            return None
+        phase = "prompt" if at == self.point else "decode" if at > self.prompt_len else "prefill"
+        return Compaction(at, prior, evicted, phase, self.method, "pressure")
+
+    def pressure_order(self, processed: int, window: int) -> Compaction | None:
+        """The compaction the scheduler can order for this request now, ``processed`` tokens
+        in, or ``None`` (not under pressure, a compaction already pending, or none would free a
+        block).
+
+        It runs at the prompt's compaction point when the whole observation window is still
+        ahead (``processed + window <= point``), else ``window`` tokens ahead: the window's
+        queries are then all computed after the order, so the workers stash them as for any
+        scheduled compaction."""
+        if self.trigger != "pressure" or window < 1:
+            return None
+        if self.next_after(processed) is not None:
+            return None
+        at = self.point if processed + window <= self.point else processed + window
+        return self._ordered(at, self.evicted_at(processed))
+
+    def with_order(self, at: int) -> Schedule:
+        """This schedule with one more ordered compaction at ``at``."""
+        return replace(self, orders=(*self.orders, at))
 
     @property
     def first(self) -> Compaction | None:
@@ -179,6 +261,11 @@ class Schedule:
         blocks below it may be hashed for prefix caching or reused from it; ``None``: no
         limit (the request never compacts)."""
         return self._finite[0].evicted if self._finite else None
+
+    @property
+    def _periodic(self) -> bool:
+        """Whether the last finite compaction opens an endless periodic decode phase."""
+        return self.decode_budget is not None and self.trigger == "always"
 
     def _decode(self, j: int) -> Compaction:
         """The j-th decode compaction, j >= 1 (closed form after the first)."""
@@ -203,15 +290,15 @@ class Schedule:
     def _count_at_most(self, processed: int) -> int:
         """Number of compactions with ``at <= processed``."""
         finite = bisect.bisect_right(self._finite_at, processed)
-        if self.decode_budget is None or finite < len(self._finite):
+        if not self._periodic or finite < len(self._finite):
             return finite
         return len(self._finite) - 1 + self._decode_index(processed)
 
     def _nth(self, i: int) -> Compaction:
         """The i-th compaction (0-based)."""
-        if i < len(self._finite) - (1 if self.decode_budget is not None else 0):
+        if i < len(self._finite) - (1 if self._periodic else 0):
             return self._finite[i]
-        if self.decode_budget is None:
+        if not self._periodic:
             raise IndexError(i)
         return self._decode(i - len(self._finite) + 2)
 
@@ -227,7 +314,7 @@ class Schedule:
     def next_after(self, processed: int) -> Compaction | None:
         """The first compaction with ``at > processed`` (``None``: no more)."""
         count = self._count_at_most(processed)
-        if self.decode_budget is None and count >= len(self._finite):
+        if not self._periodic and count >= len(self._finite):
             return None
         return self._nth(count)
 

@@ -431,6 +431,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("min_prompt", int,
             "Prompts shorter than this many tokens are never compressed while read or at their "
             "end. Default 0."),
+    Setting("trigger", str,
+            "When the prompt and decode budgets apply: 'always' (at their points, every "
+            "request) or 'pressure' (they are ceilings: requests keep their whole KV until the "
+            "scheduler runs short of blocks, then it compacts running requests to them, most "
+            "blocks freed first). Default always."),
     Setting("decode_budget", int,
             "Compact during generation too: once a request attends more than this plus "
             "--snapkv-decode-interval tokens, keep this many per KV head. Default: off.",

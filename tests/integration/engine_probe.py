@@ -14,7 +14,7 @@ request per step instead of all at once; a request that names ``"after"`` waits 
 has finished), ``aborts`` (``[{"id", "after_step"}]``: abort a request after that many steps),
 ``debug`` (turn on the workers' attention debug hook), ``all_ranks`` (report every
 tensor-parallel worker, not only rank 0), ``kept`` (with ``debug``: the kept positions of every
-compaction of every request, per rank), ``metrics`` (vLLM's own counters after the run; needs
+compaction of every request, per rank, and of its last run before a preemption's recompute), ``metrics`` (vLLM's own counters after the run; needs
 ``"disable_log_stats": false`` in ``engine``). A request may ask for ``logprobs``, ``n`` and a
 ``temperature`` (default greedy).
 """
@@ -44,6 +44,19 @@ def main() -> None:
         return original_preempt(*args, **kwargs)
 
     sched._preempt_request = counting_preempt
+    # Blocks taken out of the prefix cache through evict_blocks (a pressure compaction does
+    # that to the blocks it will rewrite), counted when they had a hash.
+    unhashed = {"count": 0}
+    original_evict = pool.evict_blocks
+
+    def counting_evict(block_ids):
+        unhashed["count"] += sum(1 for b in block_ids if pool.blocks[b].block_hash is not None)
+        return original_evict(block_ids)
+
+    pool.evict_blocks = counting_evict
+    # Steps at which a block that a request's compactions rewrite (at or after its first
+    # eviction) was in the prefix cache: must stay 0.
+    hashed_rewritable = []
     if spec.get("debug"):
         llm.collective_rpc("snapkv_set_debug", args=(True,))
     free_start = pool.get_num_free_blocks()
@@ -92,6 +105,14 @@ def main() -> None:
                                                               {}).items()}
         held, computed = {}, {}
         for req in sched.running:
+            sched_obj = getattr(sched, "snapkv_schedules", {}).get(req.request_id)
+            limit = sched_obj.cache_limit if sched_obj is not None else None
+            if limit is not None:
+                for manager in sched.kv_cache_manager.coordinator.single_type_managers:
+                    blocks = manager.req_to_blocks.get(req.request_id, [])
+                    if any(not b.is_null and b.block_hash is not None
+                           for b in blocks[limit // manager.block_size:]):
+                        hashed_rewritable.append(steps)
             computed[req.request_id.rsplit("-", 1)[0]] = req.num_computed_tokens
             blocks = sched.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(
                 req.request_id, [])
@@ -106,6 +127,8 @@ def main() -> None:
     reports = llm.collective_rpc("snapkv_report") if snapkv else [None]
     kept = ({rid: llm.collective_rpc("snapkv_kept", args=(rid, "all")) for rid in outputs}
             if snapkv and spec.get("kept") else None)
+    kept_before = ({rid: llm.collective_rpc("snapkv_kept", args=(rid, "before_recompute"))
+                    for rid in outputs} if snapkv and spec.get("kept") else None)
     metrics = None
     if spec.get("metrics"):
         metrics = {}
@@ -114,10 +137,11 @@ def main() -> None:
                 metrics[m.name] = metrics.get(m.name, 0) + m.value
     print("ENGINE_PROBE_RESULT " + json.dumps({
         "snapkv_report": reports[0], "rank_reports": reports if spec.get("all_ranks") else None,
-        "kept": kept, "metrics": metrics,
+        "kept": kept, "kept_before_recompute": kept_before, "metrics": metrics,
         "free_start": free_start, "free_end": pool.get_num_free_blocks(),
         "num_blocks": pool.num_gpu_blocks, "block_size": sched.cache_config.block_size,
         "preemptions": preemptions["count"], "outputs": outputs, "timeline": timeline,
+        "unhashed_blocks": unhashed["count"], "hashed_rewritable_steps": hashed_rewritable,
         "scheduler": type(sched).__name__,
     }))
 

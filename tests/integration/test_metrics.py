@@ -120,6 +120,10 @@ def test_prometheus_series_match_the_responses(traffic: dict, prom: Prometheus) 
         f["freed_blocks"] for f in comp)
     assert prom.value(f"sum(vllm:snapkv_prompt_tokens_total{m})") == sum(
         f["prompt_tokens"] for f in comp)
+    runs = {r["metric"]["reason"]: float(r["value"][1]) for r in prom.query(
+        f"sum by (reason) (vllm:snapkv_compaction_runs_total{m})")}
+    assert runs == {"schedule": sum(f["reasons"]["schedule"] for f in comp), "pressure": 0}
+    assert runs["schedule"] == sum(f["compactions"] for f in comp) >= len(comp)
     assert prom.value(f"sum(vllm:snapkv_kept_tokens_total{m})") == sum(
         f["kept_tokens"] for f in comp)
     assert prom.value(f"sum(vllm:snapkv_selection_seconds_count{m})") == len(comp)

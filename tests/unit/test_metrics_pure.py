@@ -38,7 +38,8 @@ def test_request_summary_compressed_and_whole() -> None:
     s = metrics.request_summary(2500, p, progress=2500, processed=2510)
     assert s == {"compressed": True, "method": "snapkv", "prompt_tokens": 2500,
                  "kept_tokens": 1092, "evicted_tokens": 1408, "freed_blocks": 11,
-                 "compactions": 1, "final_kept_tokens": 1102, "ratio": 1092 / 2500}
+                 "compactions": 1, "final_kept_tokens": 1102, "ratio": 1092 / 2500,
+                 "reasons": {"schedule": 1, "pressure": 0}}
     whole = metrics.request_summary(2500, p, progress=0, processed=100)  # aborted in prefill
     assert whole["kept_tokens"] == 2500 and whole["freed_blocks"] == 0 and whole["ratio"] == 1.0
     assert not whole["compressed"] and whole["compactions"] == 0

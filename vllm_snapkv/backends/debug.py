@@ -52,6 +52,9 @@ class DebugRecorder:
     #: (req, layer) -> [(at, phase, kept original positions [Hkv, k])], outlives the request.
     kept_history: dict[tuple[str, str], list[tuple[int, str, torch.Tensor]]] = \
         field(default_factory=dict)
+    #: (req, layer) -> the history of its last run before a recompute started over.
+    kept_before_recompute: dict[tuple[str, str], list[tuple[int, str, torch.Tensor]]] = \
+        field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -85,10 +88,12 @@ class DebugRecorder:
             torch.gather(values, 1, idx).clone())
         hist = self.kept_history.setdefault((req_id, layer), [])
         if hist and hist[-1][0] >= c.at:  # a recompute after preemption starts over
+            self.kept_before_recompute[(req_id, layer)] = list(hist)
             hist.clear()
         hist.append((c.at, c.phase, kept_pos.clone()))
-        while len(self.kept_history) > MAX_KEPT_HISTORY:
-            self.kept_history.pop(next(iter(self.kept_history)))
+        for history in (self.kept_history, self.kept_before_recompute):
+            while len(history) > MAX_KEPT_HISTORY:
+                history.pop(next(iter(history)))
 
     # -------------------------------------------------------------------------- checking
 

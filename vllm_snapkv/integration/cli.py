@@ -21,6 +21,7 @@ from typing import Any
 
 from vllm_snapkv.config import METHOD_KEY, OFF, SETTINGS_KEY, CompressionConfig, methods
 from vllm_snapkv.methods import method_parameters, registered_methods
+from vllm_snapkv.schedule import TRIGGERS
 from vllm_snapkv.settings import PREFIX, PRESETS, SettingsError, public_name, settings_table
 
 logger = logging.getLogger("vllm_snapkv")
@@ -50,6 +51,8 @@ def _flags() -> tuple[tuple[str, type, tuple[Any, ...] | None, str], ...]:
             choices = tuple(registered_methods())
         elif s.name == "preset":
             choices = tuple(PRESETS)
+        elif s.name == "trigger":
+            choices = TRIGGERS
         rows.append((s.key, s.type, choices, s.help))
     return tuple(rows)
 

@@ -36,7 +36,24 @@ SupportsHMA = seam.get("SupportsHMA")
 
 
 class SnapKVConnectorMetadata(KVConnectorMetadata):
-    """Nothing to tell the workers."""
+    """What the scheduler tells the workers each step: under ``--snapkv-trigger pressure``, the
+    compaction points it ordered for each request scheduled in the step (all of them, so a
+    worker needs no memory of earlier steps, and a recomputed request replays them). Empty
+    otherwise: the workers evaluate every scheduled compaction themselves."""
+
+    def __init__(self, orders: dict[str, tuple[int, ...]] | None = None) -> None:
+        self.orders: dict[str, tuple[int, ...]] = orders or {}
+
+
+@seam.uses("MultiKVConnectorMetadata.metadata")
+def find_metadata(meta: Any) -> SnapKVConnectorMetadata | None:
+    """The SnapKV part of a step's connector metadata (alone, or inside ``MultiConnector``'s)."""
+    if isinstance(meta, SnapKVConnectorMetadata):
+        return meta
+    for child in getattr(meta, "metadata", None) or ():
+        if isinstance(child, SnapKVConnectorMetadata):
+            return child
+    return None
 
 
 class NoTransferConnector(KVConnectorBase_V1):
@@ -96,6 +113,9 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         #: set by the SnapKV scheduler (scheduler role only)
         self.recorder: metrics.StatsRecorder | None = None
+        #: the scheduler's request schedules (scheduler role only), whose orders the metadata
+        #: carries
+        self.schedules: dict[str, Any] | None = None
         self._timer = metrics.SelectionTimer.install() if role == KVConnectorRole.WORKER \
             else None
         # A worker's pipeline stage: vLLM aggregates every worker's stats of a step, and the
@@ -103,6 +123,18 @@ class SnapKVConnector(NoTransferConnector, SupportsHMA):
         # tensor-parallel workers of a stage select at the same time (the slowest counts).
         self._stage = (int(seam.get("get_pp_group")().rank_in_group)
                        if self._timer is not None else 0)
+
+    @seam.uses("SchedulerOutput.num_scheduled_tokens")
+    @seam.overrides("KVConnectorBase_V1.build_connector_meta")
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        if not self.schedules:
+            return SnapKVConnectorMetadata()
+        orders = {}
+        for rid in scheduler_output.num_scheduled_tokens:
+            schedule = self.schedules.get(rid)
+            if schedule is not None and schedule.orders:
+                orders[rid] = schedule.orders
+        return SnapKVConnectorMetadata(orders)
 
     @seam.overrides("SupportsHMA.request_finished_all_groups")
     def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]

@@ -9,7 +9,7 @@ from typing import Any
 from vllm_snapkv import metrics
 from vllm_snapkv.integration import seam
 from vllm_snapkv.methods import method_names
-from vllm_snapkv.schedule import PHASES
+from vllm_snapkv.schedule import PHASES, REASONS
 
 KVConnectorPromMetrics = seam.get("KVConnectorPromMetrics")
 KVConnectorStats = seam.get("KVConnectorStats")
@@ -95,6 +95,10 @@ class SnapKVPromMetrics(KVConnectorPromMetrics):
         self.freed = self._counter_cls(
             name=metrics.M_FREED, labelnames=by_phase,
             documentation="KV-cache blocks returned to the pool by compactions, by phase.")
+        self.runs = self._counter_cls(
+            name=metrics.M_RUNS, labelnames=[*labelnames, "reason"],
+            documentation="Compactions run, by why: schedule (at a budget's point) or pressure "
+                          "(ordered when the KV pool ran short, --snapkv-trigger pressure).")
         self.selection = self._histogram_cls(
             name=metrics.M_SELECTION, labelnames=labelnames, buckets=metrics.SELECTION_BUCKETS,
             documentation="Per request and step: token-selection time, summed over layers, in "
@@ -115,6 +119,8 @@ class SnapKVPromMetrics(KVConnectorPromMetrics):
                 self._child(self.freed, idx, phase)
             for reason in metrics.SKIP_REASONS:
                 self._child(self.skipped, idx, reason)
+            for reason in REASONS:
+                self._child(self.runs, idx, reason)
             self._child(self.selection, idx)
             self._child(self.saved, idx)
 
@@ -140,6 +146,9 @@ class SnapKVPromMetrics(KVConnectorPromMetrics):
         for reason, n in (data.get("skipped") or {}).items():
             if reason in metrics.SKIP_REASONS and n:
                 self._child(self.skipped, engine_idx, reason).inc(n)
+        for reason, n in (data.get("runs") or {}).items():
+            if reason in REASONS and n:
+                self._child(self.runs, engine_idx, reason).inc(n)
         for seconds in metrics.selection_seconds(data).values():
             self._child(self.selection, engine_idx).observe(seconds)
         if data.get("blocks_saved") is not None:

@@ -20,6 +20,12 @@ one small method:
   one).
 * **The end** (``_free_request``): the request's summary joins its ``kv_transfer_params``, and the
   metrics recorder counts it.
+* **Pressure** (:meth:`SnapKVSchedulerMixin.schedule`, with ``--snapkv-trigger pressure``): before
+  vLLM schedules a step, :meth:`SnapKVSchedulerMixin._snapkv_relieve` compares the free blocks with
+  what the step and the next ``window`` tokens need, and when they fall short orders compactions
+  of running requests, most blocks freed first, until the shortfall is covered. An order joins
+  the request's schedule (and travels to the workers in the connector's metadata); its blocks
+  are freed when it has run, like any compaction's.
 
 Observability (:mod:`vllm_snapkv.metrics`): compactions are counted when their blocks are freed,
 in a :class:`~vllm_snapkv.metrics.StatsRecorder` that the SnapKV metrics connector hands to vLLM's
@@ -28,6 +34,7 @@ KV-connector stats each step.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -78,6 +85,13 @@ class SnapKVSchedulerMixin:
         for manager in managers:
             manager.schedules = self.snapkv_schedules
             manager.on_compacted = self._snapkv_on_compacted
+        self._snapkv_managers = managers
+        if connector is not None:
+            # The connector's metadata carries the pressure orders to the workers.
+            connector.schedules = self.snapkv_schedules
+        elif self.snapkv_config.pressure:
+            raise RuntimeError("--snapkv-trigger pressure needs the SnapKV connector, which "
+                               "carries the scheduler's orders to the workers")
 
     def _snapkv_on_compacted(self, request_id: str, done: list[Compaction]) -> None:
         self.snapkv_recorder.compacted(request_id, done, self.snapkv_block_size)
@@ -87,6 +101,87 @@ class SnapKVSchedulerMixin:
             log("SnapKV %s compaction of request %s at token %d: %d -> %d tokens per KV head, "
                 "%d blocks freed", c.phase, request_id, c.at, c.attended, c.kept,
                 c.freed_blocks(bs))
+
+    # ------------------------------------------------------------------ pressure
+
+    @seam.overrides("Scheduler.schedule")
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if self.snapkv_config.pressure:
+            self._snapkv_relieve()
+        return super().schedule(*args, **kwargs)  # type: ignore[misc]
+
+    @seam.uses("Scheduler.kv_cache_manager")
+    @seam.uses("Scheduler.running", "Scheduler.waiting", "RequestQueue.__iter__",
+               "Scheduler.max_num_running_reqs", "KVCacheManager.block_pool",
+               "BlockPool.get_num_free_blocks", "Request.num_computed_tokens",
+               "Request.num_tokens")
+    def _snapkv_relieve(self) -> list[Compaction]:
+        """Order compactions when the pool cannot hold what comes next (see the module
+        docstring). Returns the orders made.
+
+        Needed: the blocks the running requests open within their next ``window + 1`` tokens
+        (an ordered compaction runs up to ``window`` tokens after its order, once its window's
+        queries exist), plus, for each free running slot, the next waiting request's whole
+        length and the same margin (vLLM admits a request only when all of it fits). When that
+        exceeds the free blocks, the running and waiting requests whose orders free the most
+        blocks are ordered until the shortfall is covered. A waiting request's order runs at
+        its prompt's end, in the step that reads it. Prefix-cache hits are not known here, so
+        it may order a little early."""
+        settings = self.snapkv_config.settings
+        assert settings is not None
+        bs, window = self.snapkv_block_size, settings.window
+        horizon = window + 1
+        need = 0
+        for r in self.running:
+            nc = r.num_computed_tokens
+            need += -(-(nc + horizon) // bs) - (-(-nc // bs))
+        slots = self.max_num_running_reqs - len(self.running)
+        waiting = list(itertools.islice(self.waiting, max(0, slots)))
+        for r in waiting:
+            need += -(-(r.num_tokens + horizon) // bs) - (-(-r.num_computed_tokens // bs))
+        shortfall = need - self.kv_cache_manager.block_pool.get_num_free_blocks()
+        if shortfall <= 0:
+            return []
+        candidates = []
+        for rank, r in enumerate((*self.running, *waiting)):
+            schedule = self.snapkv_schedules.get(r.request_id)
+            if schedule is None:
+                continue
+            c = schedule.pressure_order(r.num_computed_tokens, window)
+            if c is not None:
+                candidates.append((-c.freed_blocks(bs), rank, r.request_id, schedule, c))
+        candidates.sort(key=lambda x: x[:2])  # most blocks first; running before waiting
+        ordered = []
+        for minus_freed, _, rid, schedule, c in candidates:
+            if shortfall <= 0:
+                break
+            if not self._snapkv_prepare_rewrite(rid, c):
+                continue
+            self.snapkv_schedules[rid] = schedule.with_order(c.at)
+            shortfall += minus_freed
+            ordered.append(c)
+            logger.info("SnapKV pressure: request %s compacts at token %d (%d -> %d tokens per "
+                        "KV head, %d blocks)", rid, c.at, c.at - c.prior, c.kept, -minus_freed)
+        return ordered
+
+    @seam.uses("Scheduler.kv_cache_manager", "KVCacheManager.block_pool",
+               "BlockPool.evict_blocks", "KVCacheBlock.ref_cnt",
+               "KVCacheBlock.block_id", "SingleTypeKVCacheManager.req_to_blocks")
+    def _snapkv_prepare_rewrite(self, request_id: str, c: Compaction) -> bool:
+        """Whether ``c`` may rewrite the request's blocks it moves kept K/V into, and if so,
+        drop them from the prefix cache first (they were hashed while the request was whole).
+        A block another request shares (a prefix hit) is never rewritten: ``False``."""
+        bs = self.snapkv_block_size
+        rewritten = []
+        for manager in self._snapkv_managers:
+            blocks = manager.req_to_blocks.get(request_id) or []
+            part = blocks[c.evicted // bs:-(-c.at // bs)]
+            if any(b.ref_cnt > 1 for b in part):
+                return False
+            rewritten.extend(b.block_id for b in part)
+        if rewritten:
+            self.kv_cache_manager.block_pool.evict_blocks(set(rewritten))
+        return True
 
     # ------------------------------------------------------------------ vLLM's decisions
 

@@ -112,8 +112,11 @@ class SnapKVModelRunnerMixin:
         self.snapkv_state = RunnerState(vllm_config)
         super().__init__(vllm_config, device)  # type: ignore[call-arg]
         self.snapkv_config = CompressionConfig.from_vllm_config(vllm_config)
-        # req_id -> (prompt_len, RequestPlan | None): pure functions of the request, cached.
-        self._snapkv_plans: dict[str, tuple[int, Any]] = {}
+        # req_id -> (prompt_len, orders, RequestPlan | None): pure functions of the request and
+        # of the scheduler's pressure orders, cached.
+        self._snapkv_plans: dict[str, tuple[int, tuple[int, ...], Any]] = {}
+        # This step's pressure orders (the connector metadata): req_id -> ordered points.
+        self._snapkv_orders: dict[str, tuple[int, ...]] = {}
         self._snapkv_in_step = False
 
     @property
@@ -140,16 +143,17 @@ class SnapKVModelRunnerMixin:
 
     @seam.uses("GPUModelRunner.requests")
     def _snapkv_plan(self, req_id: str, prompt_len: int):
+        orders = self._snapkv_orders.get(req_id, ())
         cached = self._snapkv_plans.get(req_id)
-        if cached is not None and cached[0] == prompt_len:
-            return cached[1]
+        if cached is not None and cached[0] == prompt_len and cached[1] == orders:
+            return cached[2]
         plan = None
         req = self.requests.get(req_id)  # type: ignore[attr-defined]
         sp = getattr(req, "sampling_params", None) if req is not None else None
         if sp is not None:  # pooling requests are never compressed
             plan = self.snapkv_config.request_plan(prompt_len, self.snapkv_block_size,
-                                                   sp.extra_args)
-        self._snapkv_plans[req_id] = (prompt_len, plan)
+                                                   sp.extra_args, orders)
+        self._snapkv_plans[req_id] = (prompt_len, orders, plan)
         return plan
 
     @seam.uses(
@@ -170,8 +174,14 @@ class SnapKVModelRunnerMixin:
 
     # -- per-step hooks -----------------------------------------------------------------------
 
+    @seam.uses("SchedulerOutput.kv_connector_metadata")
     @seam.overrides("GPUModelRunner.execute_model")
     def execute_model(self, scheduler_output, intermediate_tensors=None):
+        if self.snapkv_config.pressure:
+            from vllm_snapkv.integration.connector import find_metadata
+
+            meta = find_metadata(getattr(scheduler_output, "kv_connector_metadata", None))
+            self._snapkv_orders = meta.orders if meta is not None else {}
         self._snapkv_in_step = True
         try:
             return super().execute_model(  # type: ignore[misc]
@@ -214,15 +224,18 @@ class SnapKVWorkerMixin:
         """Debug mode: layer -> kept original positions per KV head of the request(s) whose
         worker-side id starts with ``req_id_prefix`` (the offline API appends a suffix), at its
         last compaction of ``phase`` (default: the prompt compaction, else the last one). With
-        ``phase="all"``: layer -> [(at, phase, positions)] for every compaction."""
+        ``phase="all"``: layer -> [(at, phase, positions)] for every compaction; with
+        ``phase="before_recompute"``: the same for its last run before a preemption's recompute
+        started over."""
         dbg = self._snapkv_state().debug
         if dbg is None:
             return {}
         out: dict = {}
-        for (rid, layer), hist in dbg.kept_history.items():
+        source = dbg.kept_before_recompute if phase == "before_recompute" else dbg.kept_history
+        for (rid, layer), hist in source.items():
             if not (rid == req_id_prefix or rid.startswith(req_id_prefix + "-")):
                 continue
-            if phase == "all":
+            if phase in ("all", "before_recompute"):
                 out[layer] = [(at, ph, kept.tolist()) for at, ph, kept in hist]
                 continue
             wanted = [h for h in hist if h[1] == (phase or "prompt")] or \
