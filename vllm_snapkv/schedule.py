@@ -267,6 +267,13 @@ class Schedule:
         """Whether the last finite compaction opens an endless periodic decode phase."""
         return self.decode_budget is not None and self.trigger == "always"
 
+    @property
+    def idle(self) -> bool:
+        """No compaction at any length (under pressure: none ordered and no prefill phase), so
+        a step has nothing to plan for the request: callers on the per-step path skip it."""
+        return not self._finite_at and not (self.decode_budget is not None
+                                            and self.trigger == "always")
+
     def _decode(self, j: int) -> Compaction:
         """The j-th decode compaction, j >= 1 (closed form after the first)."""
         first = self._finite[-1]

@@ -218,8 +218,22 @@ def _send(server, body: dict) -> dict:
     return post_ok(server, "/v1/completions", body)["kv_transfer_params"]["snapkv"]
 
 
+def _numa_nodes() -> int:
+    from pathlib import Path
+
+    return len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+
+
 def test_dp2_serves_a_mixed_load_and_counts_it_per_engine(start_server, tiny_path, monkeypatch,
                                                           tmp_path):
+    import vllm
+
+    if vllm.__version__.startswith("0.33") and _numa_nodes() < 2:
+        # vLLM 0.33 assigns DP rank r the NUMA node r (assigned_physical_gpu_ids) and its
+        # CPUWorker indexes an empty node list where that node does not exist: plain
+        # `vllm serve --data-parallel-size 2` fails the same way (docs/install.md).
+        pytest.skip("vLLM 0.33's CPU data parallelism needs a NUMA node per DP rank; this "
+                    f"host has {_numa_nodes()} (vanilla vLLM 0.33 cannot start DP=2 here)")
     for k, v in BIND.items():
         monkeypatch.setenv(k, v)
     server = start_server(tiny_path, ["--data-parallel-size", "2", *SERVER_FLAGS], name="dp")

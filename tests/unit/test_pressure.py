@@ -146,3 +146,14 @@ def test_trigger_is_an_engine_setting_with_a_flag() -> None:
     flags = {key: choices for key, _, choices, _ in cli._flags()}
     assert flags["snapkv_trigger"] == ("always", "pressure")
     assert cli.flag("trigger") == "--snapkv-trigger"
+
+
+def test_idle_means_no_compaction_at_any_length() -> None:
+    s = make(16, 3000, 1024, None, None, 512, 3000)
+    assert s.idle and s.evicted_at(10**6) == 0
+    assert not s.with_order(3000).idle
+    assert not make(16, 3000, 1024, 1100, 64, None, 3000).idle  # the prefill phase runs
+    periodic = Schedule(prompt_len=100, block_size=16, method="snapkv", decode_budget=64,
+                        decode_interval=32)
+    assert not periodic.idle and periodic.evicted_at(10**4) > 0
+    assert Schedule(prompt_len=100, block_size=16, method="snapkv").idle

@@ -110,7 +110,7 @@ def plan_step(rows: tuple[RowState, ...] | None, query_start_loc_cpu: torch.Tens
     out = []
     for i in range(num_reqs):
         r = rows[i]
-        if r.plan is None:
+        if r.plan is None or r.plan.schedule.idle:
             continue
         qs, qe = int(qsl[i]), int(qsl[i + 1])
         nc, sched = r.num_computed, r.plan.schedule

@@ -100,7 +100,7 @@ class SnapKVFullAttentionManager(FullAttentionManager):
                               num_prompt_tokens: int | None = None) -> None:
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
         schedule = self.schedules.get(request_id)
-        if schedule is None:
+        if schedule is None or schedule.idle:
             return
         last = self._freed_at.get(request_id, 0)
         if processed_computed_tokens <= last:

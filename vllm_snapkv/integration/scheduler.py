@@ -204,7 +204,7 @@ class SnapKVSchedulerMixin:
         n = super()._reserve_prefill_lookahead(  # type: ignore[misc]
             request, num_computed_tokens, num_new_tokens)
         schedule = self.snapkv_schedules.get(request.request_id)
-        if schedule is not None and n > 0:
+        if schedule is not None and n > 0 and not schedule.idle:
             nxt = schedule.next_after(num_computed_tokens)
             if nxt is not None and num_computed_tokens + n >= nxt.at:
                 if nxt.at <= request.num_tokens:
