@@ -171,3 +171,39 @@ def test_prefix_cache_never_serves_what_a_pressure_compaction_rewrote(tiny_path)
         if summaries[rid]["compactions"]:
             assert _find(rep["debug"]["slot_err"], rid) == 0.0
     assert ours["free_end"] == ours["free_start"]
+
+
+def test_tp2_ranks_apply_the_same_orders_as_one_device(tiny_path) -> None:
+    # The orders travel in the connector metadata to every worker: with TP=2, each rank runs
+    # the same ordered compactions as one device does, keeping the same tokens for its KV heads.
+    requests = [{"id": f"r{i}", "prompt_token_ids": [1000 + i] + list(range(2000, 3529)),
+                 "max_tokens": 60} for i in range(4)]
+    engine = {**ENGINE, "num_gpu_blocks_override": 26, "max_num_seqs": 4,
+              "additional_config": config("pressure")}
+    runs = {tp: run_probe({"model": str(tiny_path), "debug": True, "kept": True,
+                           "all_ranks": True, "requests": requests,
+                           "engine": {**engine, "tensor_parallel_size": tp}},
+                          env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else None)
+            for tp in (1, 2)}
+    one, two = runs[1], runs[2]
+    assert len(two["rank_reports"]) == 2
+    ordered = 0
+    for rid in one["outputs"]:
+        sa = one["outputs"][rid]["kv_transfer_params"]["snapkv"]
+        assert two["outputs"][rid]["kv_transfer_params"]["snapkv"] == sa
+        assert two["outputs"][rid]["token_ids"] == one["outputs"][rid]["token_ids"]
+        ordered += sa["reasons"]["pressure"]
+        (ref,), ranks = one["kept"][rid], two["kept"][rid]
+        for t, rank in enumerate(ranks):
+            for layer, events in rank.items():
+                assert len(events) == len(ref[layer]) == sa["compactions"]
+                for (at, phase, heads), (at_r, phase_r, heads_r) in zip(ref[layer], events):
+                    per_rank = len(heads) // 2
+                    assert (at_r, phase_r) == (at, phase)
+                    assert heads_r == heads[t * per_rank:(t + 1) * per_rank]
+        for rep in two["rank_reports"] if sa["compactions"] else ():
+            key = next(k for k in rep["debug"]["max_err"] if k.startswith(rid + "-"))
+            assert rep["debug"]["slot_err"][key] == 0.0
+            assert rep["compactions"][key]["compactions"] == sa["compactions"]
+    assert ordered >= 3
+    assert two["free_end"] == two["free_start"]
