@@ -273,10 +273,9 @@ class CompressionConfig:
         return RequestPlan(settings, schedule) if schedule.compresses else None
 
     def schedule(self, prompt_len: int, block_size: int,
-                 extra_args: Mapping[str, Any] | None,
-                 orders: tuple[int, ...] = ()) -> Schedule | None:
+                 extra_args: Mapping[str, Any] | None) -> Schedule | None:
         """:meth:`request_plan`'s schedule (``None``: the request never compacts)."""
-        plan = self.request_plan(prompt_len, block_size, extra_args, orders)
+        plan = self.request_plan(prompt_len, block_size, extra_args)
         return None if plan is None else plan.schedule
 
 

@@ -210,7 +210,7 @@ class Schedule:
     def _ordered(self, at: int, prior: int) -> Compaction | None:
         """The compaction an order at ``at`` makes after ``prior`` slots were evicted (``None``:
         it would free no block)."""
-        if at == self.point or at <= self.prompt_len:
+        if at <= self.prompt_len:  # the prompt's compaction point, or inside the prompt
             target = self.prompt_target
         else:
             target = self.decode_budget if self.decode_budget is not None else self.prompt_target
@@ -271,8 +271,7 @@ class Schedule:
     def idle(self) -> bool:
         """No compaction at any length (under pressure: none ordered and no prefill phase), so
         a step has nothing to plan for the request: callers on the per-step path skip it."""
-        return not self._finite_at and not (self.decode_budget is not None
-                                            and self.trigger == "always")
+        return not self._finite_at and not self._periodic
 
     def _decode(self, j: int) -> Compaction:
         """The j-th decode compaction, j >= 1 (closed form after the first)."""

@@ -22,8 +22,9 @@ one small method:
   metrics recorder counts it.
 * **Pressure** (:meth:`SnapKVSchedulerMixin.schedule`, with ``--snapkv-trigger pressure``): before
   vLLM schedules a step, :meth:`SnapKVSchedulerMixin._snapkv_relieve` compares the free blocks with
-  what the step and the next ``window`` tokens need, and when they fall short orders compactions
-  of running requests, most blocks freed first, until the shortfall is covered. An order joins
+  what the running and the admissible waiting requests need within the next ``window + 1``
+  tokens, and when they fall short orders compactions of those requests, most blocks freed
+  first, until the shortfall is covered. An order joins
   the request's schedule (and travels to the workers in the connector's metadata); its blocks
   are freed when it has run, like any compaction's.
 
