@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import accuracy, phases, schema  # noqa: E402
+from benchmarks import accuracy, phases, schema, trigger  # noqa: E402
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -130,6 +130,8 @@ def summary(results: dict) -> str:
     lines += _blocks_md(results) + _capacity_md(results) + _throughput_md(results)
     lines += _overhead_md(results) + _selection_md(results) + _accuracy_md(results)
     lines += phases.render(results)
+    if "trigger" in results:
+        lines += trigger.summary_md(results["trigger"], results["profile"]["trigger"])
     if "accuracy" in results:
         lines += accuracy.summary_md(results["accuracy"], results["profile"]["ruler"])
     return "\n".join(lines) + "\n"

@@ -102,6 +102,8 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
     # (and pressure.throughput_split, which runs before the prefill floor lack)
     Section("throughput", "output tokens/s on a fixed pool, and its prefill floor, tiny model",
             (("pressure", "throughput"),)),
+    Section("trigger", "the pressure trigger vs vanilla and always: Poisson arrivals, SmolLM2",
+            (("trigger",),)),
     Section("decode", "compaction during decode: capacity, throughput, copy task, cost",
             (("decode",),)),
     Section("prefill", "compaction while a prompt is read: needle at 2x/4x the pool, "
@@ -202,7 +204,8 @@ Profile = obj(
     **{k: optional(List[int]) for k in ("copy_lengths", "prefill_lengths",
                                          "prefill_compressions", "prefill_ttft_lengths")},
     prefill_methods=optional(List[str]),
-    ruler=optional(Open, "benchmarks.accuracy.RulerProfile"))
+    ruler=optional(Open, "benchmarks.accuracy.RulerProfile"),
+    trigger=optional(Open, "benchmarks.trigger.TriggerProfile"))
 
 Machine = obj("Machine", None, platform=str, python=str, cpu_count=int | None, torch=str,
               vllm=described(dict[Key, str], "installed vLLM distributions: version"),
@@ -344,6 +347,9 @@ BLOCKS: dict[str, Any] = {
     # benchmarks.phases writes these (their tables are rendered from what it wrote).
     "decode": obj("Decode", "compaction during decode (benchmarks.phases)",
                   pressure=Open, accuracy=Open, cost=Open),
+    "trigger": obj("Trigger", "the pressure trigger under Poisson arrivals (benchmarks.trigger)",
+                   runs=List[Open], rates=described(Open, "rate: config: summary"),
+                   checks=dict[Key, bool], light_rate=str, overload_rate=str, wall_s=float),
     "prefill": obj("Prefill", "compaction while a prompt is read (benchmarks.phases)",
                    accuracy=Open, ttft=Open, capacity=Open),
 }

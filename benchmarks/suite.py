@@ -29,6 +29,10 @@ What runs (sections; ``--only`` picks some):
   vanilla in the same run (``benchmarks.phases``: capacity and throughput with long outputs, a
   copy task, the cost of a compaction; needle accuracy with prompts 2x and 4x the pool, capacity
   with the prefill budget on, TTFT).
+* ``trigger`` — compression as a pressure valve (``benchmarks.trigger``): vanilla, ``always``
+  and ``--snapkv-trigger pressure`` on one small pool, SmolLM2, Poisson arrivals from light load
+  to overload, RULER prompts (graded) and long outputs mixed: throughput, TTFT p99, queueing,
+  preemptions, compactions by reason, accuracy, outputs identical to vanilla.
 * ``capacity`` / ``throughput`` — a fixed KV pool (``--num-gpu-blocks-override``) on the tiny
   random model (block accounting and scheduling are the model-independent part; the 2-core CPU
   cannot push enough SmolLM2 4K prompts through in a benchmark's time): the most concurrent
@@ -61,8 +65,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import REPO, accuracy, client, kvpress_runner, needle, phases, report, schema
+from benchmarks import (REPO, accuracy, client, kvpress_runner, needle, phases, report, schema,
+                        trigger)
 from benchmarks.accuracy import RulerProfile
+from benchmarks.trigger import TriggerProfile
 from vllm_snapkv import models
 from vllm_snapkv.integration import seam
 from vllm_snapkv.schedule import Schedule
@@ -122,6 +128,8 @@ class Profile:
     prefill_ttft_lengths: tuple[int, ...] = (2048, 4096)
     # accuracy section (benchmarks.accuracy)
     ruler: RulerProfile = dataclasses.field(default_factory=RulerProfile)
+    # trigger section (benchmarks.trigger)
+    trigger: TriggerProfile = dataclasses.field(default_factory=TriggerProfile)
 
 
 FULL = Profile()
@@ -139,7 +147,11 @@ SMOKE = Profile(lengths=(512,), per_cell=2, budgets=(64, 128), accuracy_concurre
                 ruler=RulerProfile(lengths=(1024,), per_task=1, ratios=(4,), methods=("snapkv",),
                                    min_full=0.0, kvpress_length=1024, kvpress_per_task=1,
                                    kvpress_tasks=("niah_single_1", "vt_easy"), concurrency=4,
-                                   pool_blocks=600))
+                                   pool_blocks=600),
+                trigger=TriggerProfile(rates=(0.5, 8.0), rounds=1, requests=4,
+                                       tasks=("niah_single_1",), length=1024, long_prompt=64,
+                                       long_output=256, pool_blocks=48, budget=256,
+                                       decode_budget=256, decode_interval=32))
 
 SERVED = "smollm2"
 
@@ -550,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
                            ("tiny-snapkv", tiny, tiny_flags(p, "snapkv"))]) as (van, snap):
             results["pressure"] = bench_pressure(p, van, snap, sections)
             save(results, out)
+    if "trigger" in sections:
+        results["trigger"] = trigger.run(p.trigger, out, servers, log)
+        save(results, out)
     smol = models.ensure_model(models.SMOLLM2)
     from transformers import AutoTokenizer
 

@@ -204,3 +204,39 @@ def test_ruler_accuracy_ran_every_task_in_both_regimes(smoke, smollm2_path) -> N
     assert {r["task"] for r in kv} == set(p.kvpress_tasks)
     assert "Accuracy on RULER-style tasks" in (out / "summary.md").read_text()
     assert (out / "ruler_accuracy_vs_compression.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trigger_section_ran_every_rate_and_configuration(smoke) -> None:
+    """The pressure-trigger section at toy size: every rate ran on all three servers with the same
+    requests, every request finished with its tokens, and what each trigger compacted follows
+    from its definition whatever the timing: vanilla never compacts; ``always`` compacts every
+    prompt over the budget on schedule and never on pressure; ``pressure`` never compacts on
+    schedule (it has no prefill budget), only when its scheduler ordered it."""
+    results, out = smoke
+    res, p = results["trigger"], results["profile"]["trigger"]
+    assert set(res["rates"]) == {f"{r:g}" for r in p["rates"]}
+    runs = res["runs"]
+    assert len(runs) == len(p["rates"]) * p["rounds"] * 3
+    for r in runs:
+        rows = r["rows"]
+        assert len(rows) == p["requests"]
+        longs = [x for x in rows if x["kind"] == "long"]
+        assert len(longs) == p["requests"] - p["requests"] // 2
+        assert all(x["output_tokens"] == p["long_output"] for x in longs)
+        same = [x for x in runs if x["rate"] == r["rate"] and x["round"] == r["round"]]
+        assert all([y["id"] for y in x["rows"]] == [y["id"] for y in rows] for x in same)
+        runs_by = r["compaction_runs"]
+        ruler_rows = [x for x in rows if x["kind"] == "ruler"]
+        if r["config"] == "vanilla":
+            assert sum(runs_by.values()) == 0 and r["compacted_requests"] == 0
+        elif r["config"] == "always":
+            assert runs_by.get("pressure", 0) == 0
+            assert all(x["compactions"] >= 1 and x["reasons"]["schedule"] >= 1
+                       for x in ruler_rows)
+        else:
+            assert runs_by.get("schedule", 0) == 0
+            assert all(x["reasons"].get("schedule", 0) == 0 for x in rows)
+            assert runs_by.get("pressure", 0) == sum(x["reasons"].get("pressure", 0)
+                                                     for x in rows)
+    summary = (out / "summary.md").read_text()
+    assert "Compression as a pressure valve" in summary

@@ -113,6 +113,7 @@ class SnapKVSchedulerMixin:
 
     @seam.uses("Scheduler.kv_cache_manager")
     @seam.uses("Scheduler.running", "Scheduler.waiting", "RequestQueue.__iter__",
+               "RequestQueue.__bool__",
                "Scheduler.max_num_running_reqs", "KVCacheManager.block_pool",
                "BlockPool.get_num_free_blocks", "Request.num_computed_tokens",
                "Request.num_tokens")
@@ -132,15 +133,21 @@ class SnapKVSchedulerMixin:
         assert settings is not None
         bs, window = self.snapkv_block_size, settings.window
         horizon = window + 1
+        slots = self.max_num_running_reqs - len(self.running)
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        # A request opens at most ceil(horizon / bs) + 1 blocks within horizon tokens: when that
+        # bound fits and nothing waits, the exact count below cannot exceed the free blocks.
+        if (slots <= 0 or not self.waiting) and \
+                len(self.running) * (-(-horizon // bs) + 1) <= free:
+            return []
         need = 0
         for r in self.running:
             nc = r.num_computed_tokens
             need += -(-(nc + horizon) // bs) - (-(-nc // bs))
-        slots = self.max_num_running_reqs - len(self.running)
         waiting = list(itertools.islice(self.waiting, max(0, slots)))
         for r in waiting:
             need += -(-(r.num_tokens + horizon) // bs) - (-(-r.num_computed_tokens // bs))
-        shortfall = need - self.kv_cache_manager.block_pool.get_num_free_blocks()
+        shortfall = need - free
         if shortfall <= 0:
             return []
         candidates = []
