@@ -46,13 +46,15 @@ class TriggerProfile:
     tasks: tuple[str, ...] = ("niah_single_1", "niah_single_3_noise", "niah_multikey_noise")
     length: int = 2048
     long_prompt: int = 256
-    long_output: int = 512
+    long_output: int = 384
     block_size: int = 32
-    pool_blocks: int = 200
-    budget: int = 512  # the RULER prompts' 4x
-    # no less than the budget plus an answer, so that a RULER prompt is compacted once, at 4x;
-    # the long outputs are compacted every interval once they attend more than this + interval
-    decode_budget: int = 512
+    # Light load fits (a RULER prompt, 65 blocks, beside three long outputs, 20 each); at
+    # overload vanilla is short of blocks, not only of compute.
+    pool_blocks: int = 128
+    budget: int = 256  # the RULER prompts' 8x
+    # no less than the budget plus an answer, so that a RULER prompt is compacted once; the long
+    # outputs are compacted every interval once they attend more than this + the interval
+    decode_budget: int = 256
     decode_interval: int = 64
     max_num_seqs: int = 32
     seed: int = 0
