@@ -236,6 +236,7 @@ def summarise(p: TriggerProfile, runs: list[dict]) -> dict[str, Any]:
             correct = sum(1 for x in graded if x["correct"])
             texts = {(r["round"], x["id"]): x["text"] for r in rs for x in r["rows"]}
             vtexts = {(r["round"], x["id"]): x["text"] for r in by["vanilla"] for x in r["rows"]}
+            whole = {(r["round"], x["id"]) for r in rs for x in r["rows"] if not x["compactions"]}
             cell[c] = {
                 "throughput": _spread([r["output_tokens_per_s"] for r in rs]),
                 "throughput_ratio": _spread([_ratio(r["output_tokens_per_s"],
@@ -255,6 +256,10 @@ def summarise(p: TriggerProfile, runs: list[dict]) -> dict[str, Any]:
                 "compacted_requests": sum(r["compacted_requests"] for r in rs),
                 "requests": len(rows),
                 "identical_to_vanilla": sum(1 for k, t in texts.items() if vtexts.get(k) == t),
+                # the requests this configuration left whole, and how many of them vanilla's
+                # text equals (a request keeps its whole KV: its tokens should be vanilla's)
+                "uncompacted": len(whole),
+                "uncompacted_identical": sum(1 for k in whole if vtexts.get(k) == texts[k]),
                 "accuracy": accuracy.cell(correct, len(graded)),
             }
         out[key] = cell
@@ -264,6 +269,7 @@ def summarise(p: TriggerProfile, runs: list[dict]) -> dict[str, Any]:
     checks = {
         "light_no_compaction": lp["compacted_requests"] == 0,
         "light_identical_outputs": lp["identical_to_vanilla"] == lp["requests"],
+        "light_uncompacted_identical": lp["uncompacted_identical"] == lp["uncompacted"],
         "light_throughput_ratio_0.97": (lp["throughput_ratio"]["median"] or 0) >= 0.97,
         "light_accuracy_is_vanilla": lp["accuracy"]["correct"]
         == out[light]["vanilla"]["accuracy"]["correct"],
@@ -324,7 +330,8 @@ def summary_md(res: dict, p: dict) -> list[str]:
     out = ["## Compression as a pressure valve (`--snapkv-trigger`)", "",
            f"SmolLM2, three servers on one pool of {p['pool_blocks']} blocks of "
            f"{p['block_size']} tokens (prefix caching off): vanilla, `always` and `pressure` at "
-           f"`--snapkv-budget {p['budget']}` (the {p['length']}-token RULER prompts' 4x) and "
+           f"`--snapkv-budget {p['budget']}` (the {p['length']}-token RULER prompts' "
+           f"{p['length'] / p['budget']:g}x) and "
            f"`--snapkv-decode-budget {p['decode_budget']}`. Each run: {p['requests']} requests at "
            f"Poisson times, half RULER prompts ({', '.join(p['tasks'])}; graded), half "
            f"{p['long_prompt']}-token prompts with {p['long_output']} output tokens; "
@@ -333,8 +340,8 @@ def summary_md(res: dict, p: dict) -> list[str]:
            "Wilson interval.", "",
            "| rate /s | config | tok/s × vanilla | TTFT p99 s | TTFT p99 × vanilla | "
            "queue mean s | preemptions | compactions (reason: runs) | compacted req. | "
-           "= vanilla text | accuracy |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "= vanilla text | uncompacted = vanilla | accuracy |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def sp(s: dict, fmt: str = ".2f") -> str:
         if s["median"] is None:
@@ -350,6 +357,7 @@ def summary_md(res: dict, p: dict) -> list[str]:
                        f"{sp(x['ttft_p99_ratio'])} | {sp(x['queue_mean_s'])} | "
                        f"{x['preemptions']} | {runs} | {x['compacted_requests']}/{x['requests']} |"
                        f" {x['identical_to_vanilla']}/{x['requests']} | "
+                       f"{x['uncompacted_identical']}/{x['uncompacted']} | "
                        f"{a['correct']}/{a['total']} ({a['lo']:.0f}–{a['hi']:.0f} %) |")
     out += ["", "Checks (light load = the lowest rate, overload = the highest): "
             + ", ".join(f"{k} {'yes' if v else '**no**'}" for k, v in res["checks"].items()), ""]

@@ -20,6 +20,7 @@ COMMITTED = {
     "throughput-floor": REPO / "docs" / "benchmarks" / "throughput-floor",
     "phases": REPO / "docs" / "benchmarks" / "phases",
     "accuracy": REPO / "docs" / "benchmarks" / "accuracy",
+    "trigger": REPO / "docs" / "benchmarks" / "trigger",
 }
 
 

@@ -55,10 +55,12 @@ def test_workload_is_poisson_seeded_and_mixed() -> None:
 def _run(config: str, rate: float, rnd: int, tps: float, p99: float, queue: float,
          pre: int = 0, compacted: int = 0, texts: tuple[str, ...] = ("a", "b"),
          correct: tuple[bool, ...] = (True,)) -> dict:
-    rows = [{"id": f"r{i}", "kind": "ruler", "text": t, "correct": c}
+    rows = [{"id": f"r{i}", "kind": "ruler", "text": t, "correct": c, "compactions": 0}
             for i, (t, c) in enumerate(zip(texts, correct))]
-    rows += [{"id": f"l{i}", "kind": "long", "text": t, "correct": None}
+    rows += [{"id": f"l{i}", "kind": "long", "text": t, "correct": None, "compactions": 0}
              for i, t in enumerate(texts[len(correct):])]
+    for row in rows[:compacted]:
+        row["compactions"] = 1
     return {"config": config, "rate": rate, "round": rnd, "output_tokens_per_s": tps,
             "ttft_p99_s": p99, "ttft_p50_s": p99 / 2, "queue_mean_s": queue,
             "long_s_per_token": 0.1, "preemptions": pre, "compaction_runs": {},
@@ -83,11 +85,16 @@ def test_summary_ratios_are_per_round_and_checks_follow() -> None:
                                                      "max": pytest.approx(0.98)}
     assert light["pressure"]["identical_to_vanilla"] == 4
     assert light["always"]["identical_to_vanilla"] == 2
+    assert light["always"]["uncompacted"] == 0 and light["pressure"]["uncompacted"] == 4
+    assert light["pressure"]["uncompacted_identical"] == 4
     assert light["always"]["accuracy"]["correct"] == 0 and light["always"]["accuracy"]["total"] == 2
     assert over["pressure"]["ttft_p99_ratio"]["median"] == pytest.approx(0.5)
     assert over["vanilla"]["preemptions"] == 4
     assert all(s["checks"].values()), s["checks"]
-    runs[2] = _run("pressure", 0.1, 0, 9.0, 1, 0, compacted=1)
+    runs[2] = _run("pressure", 0.1, 0, 9.0, 1, 0, compacted=1, texts=("z", "b"))
     s = trigger.summarise(p, runs)
     assert not s["checks"]["light_no_compaction"]
+    assert not s["checks"]["light_identical_outputs"]
+    assert s["checks"]["light_uncompacted_identical"]  # the one that differs was compacted
+    assert s["rates"]["0.1"]["pressure"]["uncompacted"] == 3
     assert s["rates"]["0.1"]["pressure"]["throughput_ratio"]["min"] == pytest.approx(0.9)
