@@ -99,8 +99,13 @@ def metric_families(server: VllmServer) -> list:
 
 def metrics(server: VllmServer) -> dict[str, float]:
     """The server's Prometheus samples, summed over labels: ``{sample name: value}``."""
+    return summed(metric_families(server))
+
+
+def summed(families: list) -> dict[str, float]:
+    """Parsed ``families``' samples, summed over labels: ``{sample name: value}``."""
     out: dict[str, float] = {}
-    for family in metric_families(server):
+    for family in families:
         for sample in family.samples:
             out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out

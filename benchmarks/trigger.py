@@ -100,10 +100,10 @@ def workload(p: TriggerProfile, rate: float, cases: list[ruler.Case], seed: int)
     return out
 
 
-def _series(server: VllmServer, name: str) -> dict[tuple, float]:
+def _series(families: list, name: str) -> dict[tuple, float]:
     """Every sample of the metric family ``name``: ``(sample name, sorted labels) -> value``."""
     out: dict[tuple, float] = {}
-    for family in client.metric_families(server):
+    for family in families:
         if family.name == name:
             for s in family.samples:
                 key = (s.name, tuple(sorted(s.labels.items())))
@@ -112,10 +112,11 @@ def _series(server: VllmServer, name: str) -> dict[tuple, float]:
 
 
 def _snapshot(server: VllmServer) -> dict[str, Any]:
-    totals = client.metrics(server)
-    return {"totals": totals,
-            "queue": _series(server, "vllm:request_queue_time_seconds"),
-            "runs": _series(server, "vllm:snapkv_compaction_runs")}
+    """One ``/metrics`` scrape: totals, and the two labelled series the run reads."""
+    families = client.metric_families(server)
+    return {"totals": client.summed(families),
+            "queue": _series(families, "vllm:request_queue_time_seconds"),
+            "runs": _series(families, "vllm:snapkv_compaction_runs")}
 
 
 def quantile_bound(buckets: dict[float, float], q: float) -> float | None:
@@ -228,6 +229,7 @@ def summarise(p: TriggerProfile, runs: list[dict]) -> dict[str, Any]:
         by = {c: sorted((r for r in at if r["config"] == c), key=lambda r: r["round"])
               for c in CONFIGS}
         van = {r["round"]: r for r in by["vanilla"]}
+        vtexts = {(r["round"], x["id"]): x["text"] for r in by["vanilla"] for x in r["rows"]}
         cell: dict[str, Any] = {}
         for c in CONFIGS:
             rs = by[c]
@@ -235,7 +237,6 @@ def summarise(p: TriggerProfile, runs: list[dict]) -> dict[str, Any]:
             graded = [x for x in rows if x["kind"] == "ruler"]
             correct = sum(1 for x in graded if x["correct"])
             texts = {(r["round"], x["id"]): x["text"] for r in rs for x in r["rows"]}
-            vtexts = {(r["round"], x["id"]): x["text"] for r in by["vanilla"] for x in r["rows"]}
             whole = {(r["round"], x["id"]) for r in rs for x in r["rows"] if not x["compactions"]}
             cell[c] = {
                 "throughput": _spread([r["output_tokens_per_s"] for r in rs]),

@@ -156,8 +156,9 @@ def test_decode_and_prefill_sections(smoke) -> None:
     cap, prof = pre["capacity"], results["profile"]
     n, bs = cap["prompt"], cap["block_size"]
     c = prof["prefill_compressions"][0]
-    assert -(-(n // c + prof["prefill_interval_tiny"]) // bs) < -(-n // bs)
-    fits = cap["pool_blocks"] // (-(-(n // c + prof["prefill_interval_tiny"]) // bs) + 1)
+    most_held = -(-(n // c + prof["prefill_interval_tiny"]) // bs)  # kept + one chunk, in blocks
+    assert most_held < -(-n // bs)
+    fits = cap["pool_blocks"] // (most_held + 1)
     with_pb = cap["configs"][f"{c}x+prefill"]
     assert with_pb["capacity"] >= fits > cap["configs"]["vanilla"]["capacity"]
     assert with_pb["trials"][str(with_pb["capacity"])]["preemptions"] == 0
