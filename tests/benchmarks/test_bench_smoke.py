@@ -128,8 +128,8 @@ def test_kept_sets_agree_with_kvpress(smoke) -> None:
 def test_decode_and_prefill_sections(smoke) -> None:
     """What holds at any size: every configuration measured; with decode compaction a request's
     peak blocks never exceed vanilla's, and at 4x/8x its measured capacity is above vanilla's;
-    the copy task and the needle answered in every column; with a prefill budget, requests whose
-    whole prompts would not fit together run at once."""
+    the copy task and the needle answered in every column; with a prefill budget, as many requests
+    as the block arithmetic fits never preempt."""
     results, out = smoke
     dec, pre = results["decode"], results["prefill"]
     configs = dec["pressure"]["configs"]
@@ -147,12 +147,13 @@ def test_decode_and_prefill_sections(smoke) -> None:
     table = pre["accuracy"]["table"]
     assert set(next(iter(table.values()))) >= {"full", "keydiff@512"}
     assert all(r["keydiff@512:compactions"] >= 2 for r in pre["accuracy"]["rows"])
-    # Capacity with the prefill budget, against a bound that holds however the requests arrive:
-    # a request never holds more than the kept budget plus one chunk being read, one block of
-    # slack added, so that many requests fit the pool at once and none is preempted. (Without
-    # the prefill budget, capacity depends on arrival: requests that come one by one are read
-    # and compacted in turn, requests that come together each need their whole prompt, so the
-    # two capacities are not ordered at this size and the test does not compare them.)
+    # With the prefill budget a request never holds more than the kept budget plus one chunk
+    # being read (one block of slack added), so `fits` requests fit the pool at once however they
+    # arrive, and a trial of that many or fewer never preempts (vLLM's preemption counter is
+    # exact). The measured capacity itself is not asserted: it needs the peak of running
+    # requests, sampled from /metrics every 0.1 s, and a smoke trial lasts about 0.5 s (one run
+    # here read peak 0 for 10 requests), nor is it compared with the capacity without the
+    # prefill budget, which also depends on how the requests arrive.
     cap, prof = pre["capacity"], results["profile"]
     n, bs = cap["prompt"], cap["block_size"]
     c = prof["prefill_compressions"][0]
@@ -160,8 +161,9 @@ def test_decode_and_prefill_sections(smoke) -> None:
     assert most_held < -(-n // bs)
     fits = cap["pool_blocks"] // (most_held + 1)
     with_pb = cap["configs"][f"{c}x+prefill"]
-    assert with_pb["capacity"] >= fits > cap["configs"]["vanilla"]["capacity"]
-    assert with_pb["trials"][str(with_pb["capacity"])]["preemptions"] == 0
+    assert fits > cap["configs"]["vanilla"]["ideal_capacity"]
+    assert with_pb["trials"]
+    assert all(t["preemptions"] == 0 for k, t in with_pb["trials"].items() if int(k) <= fits)
     assert with_pb["peak_blocks"] < cap["configs"][f"{c}x"]["peak_blocks"]
     summary = (out / "summary.md").read_text()
     assert "Compaction during decode" in summary and "Compaction while a prompt is read" in summary
